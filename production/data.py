@@ -1,0 +1,158 @@
+"""Token data: memory-mapped uint16 files, the 90/10 train/val split, and the batch samplers.
+
+Accepted inputs (DESIGN.md 7):
+- `.npy` of dtype uint16, one dimension, as written by prepare_fineweb.py;
+- an llm.c `.bin` shard: 256 int32 header (magic 20240520, version 1, token count), then uint16 tokens;
+- a directory of such files, read in sorted name order as one sequence.
+Nothing is read into memory whole: files are memory-mapped and windows gathered on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from production.errors import UserError
+
+LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
+VAL_FRACTION = 0.1
+
+
+class TokenStream:
+    """A read-only 1-D sequence of uint16 tokens spread over one or more memory-mapped arrays."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = [p for p in parts if len(p)]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # start of each part
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as a new int64 array (may span parts)."""
+        out, i = [], int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while length > 0:
+            lo = start - int(self.offsets[i])
+            chunk = self.parts[i][lo : lo + length]
+            out.append(chunk)
+            start, length, i = start + len(chunk), length - len(chunk), i + 1
+        return np.concatenate(out).astype(np.int64)
+
+    def slice(self, lo: int, hi: int) -> TokenStream:
+        """The sub-sequence [lo, hi) as views of the same maps."""
+        parts = []
+        for p, start in zip(self.parts, self.offsets[:-1]):
+            a, b = max(lo - start, 0), min(hi - start, len(p))
+            if a < b:
+                parts.append(p[a:b])
+        return TokenStream(parts)
+
+    def max_token(self, chunk: int = 1 << 24) -> int:
+        """Largest id, scanning each map once in chunks (a bar for big files)."""
+        steps = [(p, i) for p in self.parts for i in range(0, len(p), chunk)]
+        bar = tqdm(steps, desc="checking token ids", unit="chunk", disable=len(self) < 1 << 28, leave=False)
+        return max(int(p[i : i + chunk].max()) for p, i in bar)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{path} is not a plain .npy token array ({e}); write it with prepare_fineweb.py") from e
+    if arr.dtype != np.uint16:
+        raise UserError(f"{path} holds {arr.dtype} values; expected uint16 GPT-2 token ids "
+                        "(write it with prepare_fineweb.py, or convert with arr.astype(np.uint16))")
+    if arr.ndim != 1:
+        raise UserError(f"{path} has shape {arr.shape}; expected a 1-D token array")
+    return arr
+
+
+def _open_llmc_bin(path: Path) -> np.ndarray:
+    header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
+    if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
+        raise UserError(f"{path} is not an llm.c token shard (magic {LLMC_MAGIC} missing from its header)")
+    if header[1] != LLMC_VERSION:
+        raise UserError(f"{path} is llm.c shard version {header[1]}; only version {LLMC_VERSION} (uint16) is supported")
+    n_tokens, expected = int(header[2]), LLMC_HEADER_INTS * 4 + 2 * int(header[2])
+    if path.stat().st_size != expected:
+        raise UserError(f"{path} header says {n_tokens} tokens ({expected} bytes) but the file has "
+                        f"{path.stat().st_size} bytes; the shard is truncated or corrupt")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=LLMC_HEADER_INTS * 4, shape=(n_tokens,))
+
+
+def open_tokens(path: str | Path) -> tuple[TokenStream, str]:
+    """Memory-map a token file or directory of shards. Returns the stream and its format name."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data path {path} does not exist; create it with "
+                        f"`python prepare_fineweb.py --output {path.name}` or omit --data to use the embedded corpus")
+    openers = {".npy": _open_npy, ".bin": _open_llmc_bin}
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in openers)
+        if not files:
+            raise UserError(f"directory {path} holds no .npy or .bin token files")
+        return TokenStream([openers[p.suffix](p) for p in files]), f"shards({len(files)})"
+    if path.suffix not in openers:
+        raise UserError(f"data file {path} must end in .npy (uint16 tokens) or .bin (llm.c shard)")
+    return TokenStream([openers[path.suffix](path)]), path.suffix[1:]
+
+
+@dataclass
+class TokenSplits:
+    train: TokenStream
+    val: TokenStream
+    info: dict  # recorded as resolved_config["data"]
+
+
+def split_tokens(stream: TokenStream, source: str, fmt: str, block_size: int, vocab_size: int) -> TokenSplits:
+    """First 90% train, last 10% validation, after checking the ids and that both splits hold a window."""
+    n = len(stream)
+    n_val = int(n * VAL_FRACTION)
+    need = block_size + 1
+    if n - n_val < need or n_val < need:
+        raise UserError(f"data {source} has {n} tokens: too short for block_size {block_size} "
+                        f"(each of the 90/10 train/val splits needs at least {need} tokens, so >= {10 * need} in all)")
+    top = stream.max_token()
+    if top >= vocab_size:
+        raise UserError(f"data {source} contains token id {top} >= vocab_size {vocab_size}; "
+                        "it was not tokenized with the GPT-2 tokenizer")
+    info = dict(source=source, format=fmt, n_tokens=n, train_tokens=n - n_val, val_tokens=n_val,
+                val_fraction=VAL_FRACTION)
+    return TokenSplits(stream.slice(0, n - n_val), stream.slice(n - n_val, n), info)
+
+
+class WindowSampler:
+    """Random (block+1)-token training windows from one seeded generator; its state is checkpointed so a
+    resumed run draws exactly the windows the uninterrupted run would have drawn."""
+
+    def __init__(self, tokens: TokenStream, block_size: int, batch_size: int, seed: int):
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> inputs, targets (batch_size, block_size) int64."""
+        high = len(self.tokens) - self.block_size  # last start that leaves block+1 tokens
+        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).tolist()
+        return stack_windows(self.tokens, starts, self.block_size)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def stack_windows(tokens: TokenStream, starts: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xy = torch.from_numpy(np.stack([tokens.window(s, block_size + 1) for s in starts]))
+    return xy[:, :-1], xy[:, 1:]
+
+
+def fixed_batches(tokens: TokenStream, block_size: int, batch_size: int, n_batches: int) -> list[list[int]]:
+    """Evenly spaced window starts, the same for every run and seed, grouped into batches: evaluation on
+    them is comparable across runs."""
+    starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * batch_size).round().astype(np.int64).tolist()
+    return [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
