@@ -26,8 +26,12 @@ from production.model import GPT
 from production.runtime import environment, resolve_runtime, retain_cpu_heap, synchronize
 from production.trainer import build_optimizer
 
-MODE_EXPS = {"standard": "paper_baseline", "bottleneck": "paper_bottleneck", "decoupled": "paper_decoupled",
-             "gqa": "paper_gqa"}
+MODE_EXPS = {
+    "standard": "paper_baseline",
+    "bottleneck": "paper_bottleneck",
+    "decoupled": "paper_decoupled",
+    "gqa": "paper_gqa",
+}
 # dense bf16 peak FLOP/s of common accelerators, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
 
@@ -72,17 +76,23 @@ def time_mode(mode: str, args, runtime) -> dict:
     ms = 1000 * statistics.median(times)
     tok_s = B * T / (ms / 1000)
     peak = peak_flops(runtime.device, runtime.dtype)
-    result = {"ms_per_step": ms, "ms_mean": 1000 * statistics.fmean(times), "tok_s": tok_s,
-              "n_params": model.num_params(), "attn_dim": model_cfg.attn_dim,
-              "mfu": None if peak is None else model.flops_per_token(T) * tok_s / peak}
-    del model, optimizer, fwd
-    gc.collect()
+    result = {
+        "ms_per_step": ms,
+        "ms_mean": 1000 * statistics.fmean(times),
+        "tok_s": tok_s,
+        "n_params": model.num_params(),
+        "attn_dim": model_cfg.attn_dim,
+        "mfu": None if peak is None else model.flops_per_token(T) * tok_s / peak,
+    }
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m production.bench_train", description=__doc__.split("\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        prog="python -m production.bench_train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--size", default="small", help=f"size preset: {', '.join(SIZES)}")
     for flag in ("n_layer", "d_model", "n_head", "d_ff", "block"):
         p.add_argument(f"--{flag.replace('_', '-')}", type=int)
@@ -105,27 +115,44 @@ def main(argv: list[str] | None = None) -> int:
         runtime = resolve_runtime(args.device, args.dtype, args.compile)
         if torch.device(runtime.device).type == "cpu":
             retain_cpu_heap()
-        results = {m: time_mode(m, args, runtime) for m in modes}
+        results = {}
+        for m in modes:  # one model alive at a time; collect the previous one before building the next
+            results[m] = time_mode(m, args, runtime)
+            gc.collect()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     base = results.get("standard")
     for r in results.values():
         r["ratio_to_standard"] = None if base is None else r["ms_per_step"] / base["ms_per_step"]
-    cfg = resolve_model(args.size, "paper_baseline", {f: getattr(args, k) for k, f in MODEL_FLAGS.items()
-                                                      if hasattr(args, k)})
-    report = {"modes": results, "device": environment(runtime.device),
-              "config": {"size": args.size, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                         "block_size": cfg.block_size, "batch_size": args.batch_size or SIZES[args.size]["batch_size"],
-                         "dtype": runtime.dtype, "compile": runtime.compile, "steps": args.steps,
-                         "warmup": args.warmup}}
+    cfg = resolve_model(
+        args.size, "paper_baseline", {f: getattr(args, k) for k, f in MODEL_FLAGS.items() if hasattr(args, k)}
+    )
+    report = {
+        "modes": results,
+        "device": environment(runtime.device),
+        "config": {
+            "size": args.size,
+            "d_model": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "block_size": cfg.block_size,
+            "batch_size": args.batch_size or SIZES[args.size]["batch_size"],
+            "dtype": runtime.dtype,
+            "compile": runtime.compile,
+            "steps": args.steps,
+            "warmup": args.warmup,
+        },
+    }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     c = report["config"]
-    print(f"{args.size}: d_model={c['d_model']} n_layer={c['n_layer']} block={c['block_size']} "
-          f"batch={c['batch_size']} on {report['device']['device_name']} ({runtime.device}, {runtime.dtype}, "
-          f"compile={runtime.compile}), median of {args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"{args.size}: d_model={c['d_model']} n_layer={c['n_layer']} block={c['block_size']} "
+        f"batch={c['batch_size']} on {report['device']['device_name']} ({runtime.device}, {runtime.dtype}, "
+        f"compile={runtime.compile}), median of {args.steps} steps after {args.warmup} warm-up"
+    )
     print(f"{'mode':<11}{'params':>10}{'ms/step':>10}{'tok/s':>11}{'vs std':>8}{'MFU':>7}")
     for m, r in results.items():
         ratio = "-" if r["ratio_to_standard"] is None else f"{r['ratio_to_standard']:.3f}"

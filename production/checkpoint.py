@@ -24,7 +24,9 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated, foreign or code-carrying file: say which and why, no traceback
-        raise UserError(f"checkpoint {path} cannot be read safely ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise UserError(
+            f"checkpoint {path} cannot be read safely ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this harness (no model/config entries)")
     return ckpt

@@ -16,11 +16,35 @@ from production.errors import UserError
 from production.runtime import resolve_runtime
 
 # CLI flag -> config field, for the overrides that map one to one
-MODEL_FLAGS = {"n_layer": "n_layer", "d_model": "d_model", "n_head": "n_head", "d_ff": "d_ff", "block": "block_size",
-               "attn_dim": "attn_dim", "sem_dim": "sem_dim", "geo_dim": "geo_dim", "kv_heads": "kv_heads",
-               "null_attn": "null_attn", "tie_qk": "tie_qk", "rope": "rope", "dropout": "dropout"}
-TRAIN_FLAGS = ("batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "steps", "eval_every", "eval_iters",
-               "log_every", "seed", "weight_decay", "grad_clip")
+MODEL_FLAGS = {
+    "n_layer": "n_layer",
+    "d_model": "d_model",
+    "n_head": "n_head",
+    "d_ff": "d_ff",
+    "block": "block_size",
+    "attn_dim": "attn_dim",
+    "sem_dim": "sem_dim",
+    "geo_dim": "geo_dim",
+    "kv_heads": "kv_heads",
+    "null_attn": "null_attn",
+    "tie_qk": "tie_qk",
+    "rope": "rope",
+    "dropout": "dropout",
+}
+TRAIN_FLAGS = (
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "steps",
+    "eval_every",
+    "eval_iters",
+    "log_every",
+    "seed",
+    "weight_decay",
+    "grad_clip",
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,16 +54,23 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="main.py", description="Decoupled Bottleneck Attention: train GPT-style models with four "
-               "attention variants.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        prog="main.py",
+        description="Decoupled Bottleneck Attention: train GPT-style models with four attention variants.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--mode", default="train", choices=["train"], help="what to do")
     p.add_argument("--size", default="nano", help=f"size preset: {', '.join(SIZES)}")
     p.add_argument("--exp", default="paper_decoupled", help=f"experiment preset: {', '.join(EXPERIMENTS)}")
-    p.add_argument("--data", type=Path, help=".npy uint16 tokens, llm.c .bin shard, or a folder of shards "
-                   "(default: the embedded Shakespeare corpus)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help=".npy uint16 tokens, llm.c .bin shard, or a folder of shards (default: the embedded Shakespeare corpus)",
+    )
     p.add_argument("--out-dir", type=Path, help="run directory (default: runs/<size>_<exp>_s<seed>)")
-    p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/dba"), help="where the tokenized embedded "
-                   "corpus is cached")
+    p.add_argument(
+        "--cache-dir", type=Path, default=Path("~/.cache/dba"), help="where the tokenized embedded corpus is cached"
+    )
     g = p.add_argument_group("model overrides (default: the presets)")
     for flag in ("n_layer", "d_model", "n_head", "d_ff", "block", "attn_dim", "sem_dim", "geo_dim", "kv_heads"):
         g.add_argument(f"--{flag.replace('_', '-')}", type=int)
@@ -51,15 +82,20 @@ def build_parser() -> Parser:
         g.add_argument(f"--{flag.replace('_', '-')}", type=int)
     for flag in ("lr", "min_lr", "weight_decay", "grad_clip"):
         g.add_argument(f"--{flag.replace('_', '-')}", type=float)
-    g.add_argument("--stop-at", type=int, help="train up to this step, save last.pt and exit (continue later "
-                   "with --resume)")
+    g.add_argument(
+        "--stop-at", type=int, help="train up to this step, save last.pt and exit (continue later with --resume)"
+    )
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
     g.add_argument("--resume-path", type=Path, help="continue from this checkpoint (implies --resume)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--dtype", default="auto", help="auto (bf16 autocast on accelerators, fp32 on CPU), fp32, bf16")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA)")
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on for CUDA)",
+    )
     return p
 
 
@@ -70,9 +106,13 @@ def resolve(args: argparse.Namespace) -> tuple[dict, tuple]:
     model_cfg = resolve_model(args.size, args.exp, {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items()})
     train_cfg = resolve_train(args.size, args.exp, {f: getattr(args, f) for f in TRAIN_FLAGS})
     runtime = resolve_runtime(args.device, args.dtype, args.compile)
-    resolved = {"size": args.size, "exp": args.exp,
-                "model": {**model_cfg.to_dict(), "n_params": param_count(model_cfg)},
-                "train": train_cfg.to_dict(), "runtime": runtime.to_dict()}
+    resolved = {
+        "size": args.size,
+        "exp": args.exp,
+        "model": {**model_cfg.to_dict(), "n_params": param_count(model_cfg)},
+        "train": train_cfg.to_dict(),
+        "runtime": runtime.to_dict(),
+    }
     return resolved, (model_cfg, train_cfg, runtime)
 
 
@@ -127,18 +167,21 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     resolved["out_dir"] = str(out_dir)
     write_json_atomic(resolved, run.resolved_config)
     m, d = resolved["model"], splits.info
-    print(f"model: {m['attn_mode']} d_model={m['d_model']} n_layer={m['n_layer']} n_head={m['n_head']} "
-          f"attn_dim={m['attn_dim']} ({m['n_params'] / 1e6:.2f}M params)")
-    print(f"data: {d['source']} [{d['format']}], {d['n_tokens']:,} tokens "
-          f"(train {d['train_tokens']:,} / val {d['val_tokens']:,})")
+    print(
+        f"model: {m['attn_mode']} d_model={m['d_model']} n_layer={m['n_layer']} n_head={m['n_head']} "
+        f"attn_dim={m['attn_dim']} ({m['n_params'] / 1e6:.2f}M params)"
+    )
+    print(
+        f"data: {d['source']} [{d['format']}], {d['n_tokens']:,} tokens "
+        f"(train {d['train_tokens']:,} / val {d['val_tokens']:,})"
+    )
     print(f"runtime: {runtime.device} {runtime.dtype} compile={runtime.compile}; run dir {out_dir}")
     if train_cfg.steps == 0:
         print(f"--steps 0: wrote {run.resolved_config}; nothing trained")
         return 0
     summary = train(resolved, model_cfg, train_cfg, runtime, splits, run, argv, resume, args.stop_at)
     if summary["done"]:
-        print(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}; "
-              f"checkpoints in {out_dir}")
+        print(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}; checkpoints in {out_dir}")
     return 0
 
 

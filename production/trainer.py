@@ -55,7 +55,7 @@ class EventLog:
     """Appends one JSON object per line: {"type", "step", "time", ...}."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 (closed by close(); lives for the whole run)
 
     def write(self, type: str, step: int, **fields) -> None:
         self.file.write(json.dumps({"type": type, "step": step, "time": round(time.time(), 3), **fields}) + "\n")
@@ -101,17 +101,24 @@ def check_resumable(ckpt: dict, resolved: dict, path: Path) -> None:
     saved = ckpt["config"]
     if saved["model"] != resolved["model"]:
         diff = sorted(k for k in resolved["model"] if saved["model"].get(k) != resolved["model"][k])
-        raise UserError(f"checkpoint {path} is from another model config (differs in {', '.join(diff)}); "
-                        "resume with the same --size/--exp/overrides or start a new --out-dir")
-    diff = sorted(k for k in resolved["train"] if k not in RESUME_MAY_CHANGE
-                  and saved["train"].get(k) != resolved["train"][k])
+        raise UserError(
+            f"checkpoint {path} is from another model config (differs in {', '.join(diff)}); "
+            "resume with the same --size/--exp/overrides or start a new --out-dir"
+        )
+    diff = sorted(
+        k for k in resolved["train"] if k not in RESUME_MAY_CHANGE and saved["train"].get(k) != resolved["train"][k]
+    )
     if diff:
-        raise UserError(f"checkpoint {path} was trained with a different recipe ({', '.join(diff)}); "
-                        "pass the original values to resume it")
+        raise UserError(
+            f"checkpoint {path} was trained with a different recipe ({', '.join(diff)}); "
+            "pass the original values to resume it"
+        )
     for key in ("source", "n_tokens"):
         if saved["data"][key] != resolved["data"][key]:
-            raise UserError(f"checkpoint {path} was trained on {saved['data']['source']} "
-                            f"({saved['data']['n_tokens']} tokens), not {resolved['data']['source']}")
+            raise UserError(
+                f"checkpoint {path} was trained on {saved['data']['source']} "
+                f"({saved['data']['n_tokens']} tokens), not {resolved['data']['source']}"
+            )
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -124,8 +131,17 @@ def truncate_log(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def train(resolved: dict, model_cfg: ModelConfig, cfg: TrainConfig, runtime: RuntimeConfig, splits: TokenSplits,
-          run: RunDir, argv: list[str], resume: tuple[Path, dict] | None = None, stop_at: int | None = None) -> dict:
+def train(
+    resolved: dict,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    runtime: RuntimeConfig,
+    splits: TokenSplits,
+    run: RunDir,
+    argv: list[str],
+    resume: tuple[Path, dict] | None = None,
+    stop_at: int | None = None,
+) -> dict:
     """Train to cfg.steps (or stop_at) and return the final summary. `resolved` is the resolved config
     written beside the run; it is stored in every checkpoint. `resume` is (path, checkpoint) of a checkpoint
     already checked with `check_resumable`."""
@@ -151,8 +167,12 @@ def train(resolved: dict, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Run
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
         truncate_log(run.log, step)
     log = EventLog(run.log)
-    meta = dict(argv=argv, config=resolved, n_params=model.num_params(),
-                env={**environment(device), "cpu_heap_retained": heap_retained})
+    meta = dict(
+        argv=argv,
+        config=resolved,
+        n_params=model.num_params(),
+        env={**environment(device), "cpu_heap_retained": heap_retained},
+    )
     if resume is not None:
         log.write("resume_meta", step, resumed_from=str(resume_path), **meta)
     else:
@@ -161,8 +181,10 @@ def train(resolved: dict, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Run
     def checkpoint(path: Path, with_optimizer: bool) -> None:
         state = {"model": model.state_dict(), "config": resolved, "step": step, "best_val_loss": best_val}
         if with_optimizer:
-            rng = {"torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state_all() if torch.device(device).type == "cuda" else None}
+            rng = {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.device(device).type == "cuda" else None,
+            }
             state.update(optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), rng=rng)
         save_atomic(state, path)
 
@@ -180,12 +202,15 @@ def train(resolved: dict, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Run
         if val < best_val:
             best_val = val
             checkpoint(run.best, with_optimizer=False)
-        log.write("eval", step, train_loss=train_loss, val_loss=val, val_ppl=math.exp(min(val, 50.0)),
-                  best_val_loss=best_val)
+        log.write(
+            "eval", step, train_loss=train_loss, val_loss=val, val_ppl=math.exp(min(val, 50.0)), best_val_loss=best_val
+        )
         checkpoint(run.last, with_optimizer=True)
         shown = "-" if train_loss is None else f"{train_loss:.4f}"
-        tqdm.write(f"step {step}/{cfg.steps} | val {val:.4f} (ppl {math.exp(min(val, 50.0)):.1f}) | "
-                   f"train {shown} | best {best_val:.4f}")
+        tqdm.write(
+            f"step {step}/{cfg.steps} | val {val:.4f} (ppl {math.exp(min(val, 50.0)):.1f}) | "
+            f"train {shown} | best {best_val:.4f}"
+        )
 
     wall_start = time.perf_counter()
     if step == 0:
@@ -213,19 +238,31 @@ def train(resolved: dict, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Run
         if not math.isfinite(loss_val):
             log.write("error", step, message=f"non-finite training loss {loss_val}")
             bar.close()
-            raise TrainingError(f"training loss is {loss_val} at step {step}; stopped, "
-                                f"{run.last} holds the last good state")
+            raise TrainingError(
+                f"training loss is {loss_val} at step {step}; stopped, {run.last} holds the last good state"
+            )
         recent_losses.append(loss_val)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}")
         if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
             synchronize(device)
             dt = (time.perf_counter() - interval_start) / interval_steps
-            log.write("train", step, loss=loss_val, lr=lr, tok_s=tokens_per_step / dt, ms_per_step=1000 * dt,
-                      grad_norm=grad_norm.item(), tokens_seen=step * tokens_per_step)
+            log.write(
+                "train",
+                step,
+                loss=loss_val,
+                lr=lr,
+                tok_s=tokens_per_step / dt,
+                ms_per_step=1000 * dt,
+                grad_norm=grad_norm.item(),
+                tokens_seen=step * tokens_per_step,
+            )
             if bar.disable:
-                print(f"step {step}/{cfg.steps} | loss {loss_val:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms/step "
-                      f"| {tokens_per_step / dt:,.0f} tok/s", flush=True)
+                print(
+                    f"step {step}/{cfg.steps} | loss {loss_val:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms/step "
+                    f"| {tokens_per_step / dt:,.0f} tok/s",
+                    flush=True,
+                )
             interval_start, interval_steps = time.perf_counter(), 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
             run_eval()
@@ -233,7 +270,7 @@ def train(resolved: dict, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Run
     bar.close()
     wall = time.perf_counter() - wall_start
     if step < cfg.steps:  # stopped early on request: make sure the exact state at `step` is saved
-        if not (step % cfg.eval_every == 0):
+        if step % cfg.eval_every != 0:
             checkpoint(run.last, with_optimizer=True)
         log.close()
         print(f"stopped at step {step}/{cfg.steps}; continue with --resume ({run.last})")
