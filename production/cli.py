@@ -198,3 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue later with --resume (from the run's last.pt)", file=sys.stderr)
+        return 130

@@ -113,12 +113,14 @@ def check_resumable(ckpt: dict, resolved: dict, path: Path) -> None:
             f"checkpoint {path} was trained with a different recipe ({', '.join(diff)}); "
             "pass the original values to resume it"
         )
-    for key in ("source", "n_tokens"):
-        if saved["data"][key] != resolved["data"][key]:
-            raise UserError(
-                f"checkpoint {path} was trained on {saved['data']['source']} "
-                f"({saved['data']['n_tokens']} tokens), not {resolved['data']['source']}"
-            )
+    if (saved["data"]["format"], saved["data"]["n_tokens"]) != (
+        resolved["data"]["format"],
+        resolved["data"]["n_tokens"],
+    ):
+        raise UserError(
+            f"checkpoint {path} was trained on {saved['data']['source']} ({saved['data']['n_tokens']} tokens), "
+            f"not {resolved['data']['source']} ({resolved['data']['n_tokens']} tokens)"
+        )
 
 
 def truncate_log(path: Path, step: int) -> None:
