@@ -1,7 +1,10 @@
 """The attention variants of DESIGN.md 3.1 behind one registry.
 
-Every variant has the same contract: forward(x (B, T, d_model), rope (cos, sin) or None) -> (B, T, d_model),
-causal, running on torch's fused `scaled_dot_product_attention`.
+Every variant has the same contract: forward(x (B, T, d_model), rope (cos, sin) or None, cache) -> (B, T, d_model),
+causal. Without a cache, or when the cache is empty (prefill), attention runs on the fresh K/V through torch's
+fused `scaled_dot_product_attention`, and the K/V (keys after rotation) are written to the cache. With cached
+tokens, the new tokens are appended and attend over the cache chunk by chunk (`attend_cache`).
+`cache_widths(cfg)` names each variant's cached streams and their widths.
 
 - `MultiHeadAttention` covers standard (width d_model), bottleneck (width attn_dim) and gqa (kv_heads < n_head):
   they differ only in widths, which the config resolves.
@@ -21,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from production.cached_attention import attend_cache
 from production.config import ModelConfig
+from production.kvcache import LayerCache
 from production.rope import apply_rope
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
@@ -72,7 +77,11 @@ class MultiHeadAttention(nn.Module):
         self.null_k = nn.Parameter(torch.zeros(self.kv_heads, hd)) if cfg.null_attn else None
         self.null_v = nn.Parameter(torch.zeros(self.kv_heads, hd)) if cfg.null_attn else None
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    @staticmethod
+    def cache_widths(cfg: ModelConfig) -> dict[str, int]:
+        return {"k": cfg.kv_heads * cfg.head_dim, "v": cfg.kv_heads * cfg.head_dim}
+
+    def forward(self, x: torch.Tensor, rope: Rope, cache: LayerCache | None = None) -> torch.Tensor:
         if self.k is self.q:
             q, v = fused_linear(x, [self.q, self.v])
             k = q
@@ -81,7 +90,14 @@ class MultiHeadAttention(nn.Module):
         q, k, v = split_heads(q, self.n_head), split_heads(k, self.kv_heads), split_heads(v, self.kv_heads)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = causal_attention(q, k, v, self.null_k, self.null_v)  # scale 1/sqrt(head_dim)
+        if cache is None or cache.length == 0:
+            y = causal_attention(q, k, v, self.null_k, self.null_v)  # scale 1/sqrt(head_dim)
+            if cache is not None:
+                cache.append({"k": merge_heads(k), "v": merge_heads(v)})
+        else:
+            cache.append({"k": merge_heads(k), "v": merge_heads(v)})
+            null_k = None if self.null_k is None else {"k": self.null_k}
+            y = attend_cache(cache, {"k": q * q.shape[-1] ** -0.5}, "v", null_k, self.null_v)
         return self.o(merge_heads(y))
 
 
@@ -104,7 +120,11 @@ class DecoupledAttention(nn.Module):
         self.null_k = nn.Parameter(torch.zeros(H, cfg.head_dim)) if cfg.null_attn else None
         self.null_v = nn.Parameter(torch.zeros(H, cfg.head_dim)) if cfg.null_attn else None
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    @staticmethod
+    def cache_widths(cfg: ModelConfig) -> dict[str, int]:
+        return {"k_sem": cfg.sem_dim, "k_geo": cfg.geo_dim, "v": cfg.attn_dim}
+
+    def forward(self, x: torch.Tensor, rope: Rope, cache: LayerCache | None = None) -> torch.Tensor:
         H = self.n_head
         if self.k_sem is self.q_sem:
             q_sem, q_geo, k_geo, v = fused_linear(x, [self.q_sem, self.q_geo, self.k_geo, self.v])
@@ -115,9 +135,20 @@ class DecoupledAttention(nn.Module):
         q_geo, k_geo = split_heads(q_geo, H), split_heads(k_geo, H)  # (B, H, T, g)
         if rope is not None:
             q_geo, k_geo = apply_rope(q_geo, *rope), apply_rope(k_geo, *rope)
-        q = torch.cat([q_sem * self.sem_head**-0.5, q_geo * self.geo_head**-0.5], dim=-1)  # (B, H, T, s+g)
+        v = split_heads(v, H)
+        q_sem, q_geo = q_sem * self.sem_head**-0.5, q_geo * self.geo_head**-0.5
+        if cache is not None and cache.length > 0:
+            cache.append({"k_sem": merge_heads(k_sem), "k_geo": merge_heads(k_geo), "v": merge_heads(v)})
+            null_k = None
+            if self.null_k is not None:
+                null_k = {"k_sem": self.null_k[:, : self.sem_head], "k_geo": self.null_k[:, self.sem_head :]}
+            y = attend_cache(cache, {"k_sem": q_sem, "k_geo": q_geo}, "v", null_k, self.null_v)
+            return self.o(merge_heads(y))
+        q = torch.cat([q_sem, q_geo], dim=-1)  # (B, H, T, s+g), pre-scaled
         k = torch.cat([k_sem, k_geo], dim=-1)
-        y = causal_attention(q, k, split_heads(v, H), self.null_k, self.null_v, scale=1.0)
+        y = causal_attention(q, k, v, self.null_k, self.null_v, scale=1.0)
+        if cache is not None:
+            cache.append({"k_sem": merge_heads(k_sem), "k_geo": merge_heads(k_geo), "v": merge_heads(v)})
         return self.o(merge_heads(y))
 
 
@@ -127,6 +158,11 @@ ATTENTION: dict[str, type[nn.Module]] = {
     "gqa": MultiHeadAttention,
     "decoupled": DecoupledAttention,
 }
+
+
+def cache_widths(cfg: ModelConfig) -> dict[str, int]:
+    """Cached stream name -> values per token per layer (k, v or k_sem, k_geo, v)."""
+    return ATTENTION[cfg.attn_mode].cache_widths(cfg)
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

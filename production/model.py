@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from production.attention import build_attention
+from production.attention import build_attention, cache_widths
 from production.config import ModelConfig
+from production.kvcache import KVCache, KVPolicy
 from production.rope import Rotary
 
 
@@ -37,8 +38,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), rope))
+    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), rope, cache))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -68,19 +69,34 @@ class GPT(nn.Module):
             if name.endswith(("null_k", "null_v")):
                 nn.init.zeros_(p)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0):
-        """idx (B, T) token ids at absolute positions start_pos .. start_pos+T-1; targets (B, T) or None.
-        Returns logits (B, T, vocab) and the mean cross-entropy (None without targets)."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ):
+        """idx (B, T) token ids; targets (B, T) or None. With a cache, idx continues the cached sequence (its
+        positions start at cache.length) and its K/V are appended. last_only: logits for the last position only.
+        Returns logits (B, T or 1, vocab) and the mean cross-entropy (None without targets)."""
         B, T = idx.shape
-        rope = self.rotary(start_pos, T) if self.rotary is not None else None
+        start = 0 if cache is None else cache.length
+        rope = self.rotary(start, T) if self.rotary is not None else None
         x = self.drop(self.wte(idx))
-        for block in self.blocks:
-            x = block(x, rope)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache.layers[i])
+        if last_only:
+            x = x[:, -1:]
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head: (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+    def new_cache(self, policy: KVPolicy, batch: int, max_seq: int, chunk_tokens: int = 1024) -> KVCache:
+        """An empty cache for `batch` sequences of up to max_seq tokens, on the model's device."""
+        device = self.wte.weight.device
+        return KVCache(policy, cache_widths(self.cfg), self.cfg.n_layer, batch, max_seq, device, chunk_tokens)
 
     def num_params(self) -> int:
         """Unique parameters (the tied head and tied Q/K count once)."""

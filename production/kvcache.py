@@ -1,0 +1,257 @@
+"""The KV cache (DESIGN.md 4): per layer one stream per cached tensor, each of its own kind.
+
+- `parse_policy("ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128", streams)` -> `KVPolicy` (strict).
+- `PlainStream` stores fp16/bf16/fp32 values as they are.
+- `QuantStream` stores a token-major flat sequence quantized in blocks of qb values: a stream of width D is
+  quantized in groups of G = lcm(D, qb) / D tokens, so blocks may span tokens and nothing is padded. The
+  newest `resid` tokens (plus any incomplete group) stay exact in an fp16 window.
+- `KVCache` holds the layers; `nbytes()` equals `estimate_bytes()` exactly.
+
+Every stream has the same contract: `append(x)` with x (B, T, D), `read(t0, t1, dtype)` -> (B, t1 - t0, D),
+`nbytes()`. Values enter quantized streams rounded to fp16 first, so a token quantizes to the same bytes whether it
+arrived in a prefill or a decode step. Plain streams store values in their own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from production.errors import UserError
+from production.quant import QUANT_KINDS, block_bytes, code_bytes, decode, encode
+
+PLAIN_KINDS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# policy-string key -> stream name
+POLICY_KEYS = {"k": "k", "v": "v", "ksem": "k_sem", "kgeo": "k_geo"}
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    kind: str  # fp16 | bf16 | fp32 | q8_0 | q4_0 | nf4
+    qb: int = 32  # values per quantization block (quantized kinds)
+
+    def __str__(self) -> str:
+        return self.kind if self.kind in PLAIN_KINDS else f"{self.kind}@{self.qb}"
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    streams: dict  # stream name -> StreamSpec
+    resid: int = 0
+
+    def __str__(self) -> str:
+        if all(s.kind == "fp16" for s in self.streams.values()):
+            return "fp16"
+        keys = {v: k for k, v in POLICY_KEYS.items()}
+        return ",".join([f"{keys[n]}={s}" for n, s in self.streams.items()] + [f"resid={self.resid}"])
+
+
+def parse_policy(text: str, streams: list[str]) -> KVPolicy:
+    """Strict parse of a policy string for a model whose cache has `streams` (e.g. ["k_sem", "k_geo", "v"]).
+    "fp16", "bf16" or "fp32" alone set every stream; otherwise every stream must be named once."""
+    text = text.strip()
+    if text in PLAIN_KINDS:
+        return KVPolicy({s: StreamSpec(text) for s in streams})
+    valid_keys = [k for k, s in POLICY_KEYS.items() if s in streams]
+    example = ",".join(f"{k}=q8_0@32" for k in valid_keys) + ",resid=0"
+    specs, resid = {}, 0
+    seen = set()
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not value:
+            raise UserError(f"bad KV policy item {item.strip()!r} in {text!r}; expected key=value, e.g. {example}")
+        if key in seen:
+            raise UserError(f"KV policy {text!r} sets {key} twice")
+        seen.add(key)
+        if key == "resid":
+            if not re.fullmatch(r"\d+", value):
+                raise UserError(f"KV policy resid must be a non-negative integer, got {value!r}")
+            resid = int(value)
+            continue
+        if key not in valid_keys:
+            raise UserError(
+                f"unknown KV policy key {key!r} for this model; its keys are "
+                f"{', '.join(valid_keys)}, resid (e.g. {example})"
+            )
+        specs[POLICY_KEYS[key]] = parse_spec(value)
+    missing = [k for k in valid_keys if POLICY_KEYS[k] not in specs]
+    if missing:
+        raise UserError(f"KV policy {text!r} gives no kind for {', '.join(missing)} (e.g. {example})")
+    return KVPolicy({s: specs[s] for s in streams}, resid)
+
+
+def parse_spec(value: str) -> StreamSpec:
+    m = re.fullmatch(r"([a-z0-9_]+)(?:@(\d+))?", value)
+    kinds = [*PLAIN_KINDS, *QUANT_KINDS]
+    if not m or m.group(1) not in kinds:
+        raise UserError(f"unknown KV cache kind {value!r}; valid: {', '.join(kinds)} (quantized ones take @qb)")
+    kind, qb = m.group(1), m.group(2)
+    if kind in PLAIN_KINDS:
+        if qb is not None:
+            raise UserError(f"{kind} is stored plainly and takes no block size, got {value!r}")
+        return StreamSpec(kind)
+    qb = 32 if qb is None else int(qb)
+    if qb < 2 or qb % 2 or qb > 1024:
+        raise UserError(f"block size must be an even number of values in [2, 1024], got {value!r}")
+    return StreamSpec(kind, qb)
+
+
+def group_tokens(width: int, qb: int) -> int:
+    """Tokens per quantization group: the fewest whole tokens whose values fill whole blocks."""
+    return math.lcm(width, qb) // width
+
+
+class PlainStream:
+    """Values stored as they are in fp16, bf16 or fp32: (B, max_seq, D)."""
+
+    def __init__(self, spec: StreamSpec, batch: int, max_seq: int, width: int, device):
+        self.spec, self.width, self.length = spec, width, 0
+        self.data = torch.zeros(batch, max_seq, width, dtype=PLAIN_KINDS[spec.kind], device=device)
+
+    def append(self, x: torch.Tensor) -> None:
+        T = x.shape[1]
+        self.data[:, self.length : self.length + T] = x
+        self.length += T
+
+    def read(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.data[:, t0:t1].to(dtype)
+
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @staticmethod
+    def estimate(spec: StreamSpec, batch: int, max_seq: int, width: int, resid: int) -> int:
+        return batch * max_seq * width * PLAIN_KINDS[spec.kind].itemsize
+
+
+class QuantStream:
+    """Token-major flat blocks for tokens [0, n_q) plus an exact fp16 window for tokens [n_q, length).
+
+    n_q is the largest multiple of the group size G that leaves at least `resid` tokens in the window, so the
+    window holds between resid and resid + G - 1 tokens (fewer only at the start)."""
+
+    def __init__(self, spec: StreamSpec, batch: int, max_seq: int, width: int, device, resid: int):
+        self.spec, self.width, self.resid = spec, width, resid
+        self.group = group_tokens(width, spec.qb)
+        n_blocks = (max_seq // self.group) * self.group * width // spec.qb
+        self.scale = torch.zeros(batch, n_blocks, dtype=torch.float16, device=device)
+        code_dtype = torch.int8 if spec.kind == "q8_0" else torch.uint8
+        self.codes = torch.zeros(batch, n_blocks, code_bytes(spec.kind, spec.qb), dtype=code_dtype, device=device)
+        self.window = torch.zeros(batch, resid + self.group - 1, width, dtype=torch.float16, device=device)
+        self.length = self.n_q = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        B, T, D = x.shape
+        x = x.to(torch.float16)
+        new_length = self.length + T
+        new_n_q = max(0, new_length - self.resid) // self.group * self.group
+        if new_n_q > self.n_q:  # some tokens leave the window: quantize them group by group
+            pending = torch.cat([self.window[:, : self.length - self.n_q], x], dim=1)
+            leaving = pending[:, : new_n_q - self.n_q].float().reshape(B, -1, self.spec.qb)
+            b0 = self.n_q * D // self.spec.qb
+            scale, codes = encode(leaving, self.spec.kind)
+            self.scale[:, b0 : b0 + scale.shape[1]] = scale
+            self.codes[:, b0 : b0 + codes.shape[1]] = codes
+            kept = pending[:, new_n_q - self.n_q :]
+            self.window[:, : kept.shape[1]] = kept
+        else:
+            self.window[:, self.length - self.n_q : new_length - self.n_q] = x
+        self.length, self.n_q = new_length, new_n_q
+
+    def read(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Tokens [t0, t1) as (B, t1 - t0, D): dequantized blocks for the quantized part, the window after."""
+        parts = []
+        if t0 < self.n_q:
+            q1 = min(t1, self.n_q)
+            D, qb = self.width, self.spec.qb
+            b0, b1 = t0 * D // qb, -(-q1 * D // qb)  # the blocks covering values [t0*D, q1*D)
+            values = decode(self.scale[:, b0:b1], self.codes[:, b0:b1], self.spec.kind, dtype).flatten(1)
+            offset = t0 * D - b0 * qb
+            parts.append(values[:, offset : offset + (q1 - t0) * D].view(-1, q1 - t0, D))
+        if t1 > self.n_q:
+            w0 = max(t0, self.n_q) - self.n_q
+            parts.append(self.window[:, w0 : t1 - self.n_q].to(dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def nbytes(self) -> int:
+        return self.scale.nbytes + self.codes.nbytes + self.window.nbytes
+
+    @staticmethod
+    def estimate(spec: StreamSpec, batch: int, max_seq: int, width: int, resid: int) -> int:
+        G = group_tokens(width, spec.qb)
+        n_blocks = (max_seq // G) * G * width // spec.qb
+        return batch * (n_blocks * block_bytes(spec.kind, spec.qb) + (resid + G - 1) * width * 2)
+
+
+def stream_class(spec: StreamSpec):
+    return PlainStream if spec.kind in PLAIN_KINDS else QuantStream
+
+
+def build_stream(spec: StreamSpec, batch: int, max_seq: int, width: int, device, resid: int):
+    if spec.kind in PLAIN_KINDS:
+        return PlainStream(spec, batch, max_seq, width, device)
+    return QuantStream(spec, batch, max_seq, width, device, resid)
+
+
+class LayerCache:
+    """The streams of one layer, filled in lockstep. Attention reads them `chunk_tokens` tokens at a time."""
+
+    def __init__(self, policy: KVPolicy, widths: dict[str, int], batch: int, max_seq: int, device, chunk_tokens: int):
+        self.streams = {
+            name: build_stream(policy.streams[name], batch, max_seq, width, device, policy.resid)
+            for name, width in widths.items()
+        }
+        self.max_seq, self.chunk_tokens = max_seq, chunk_tokens
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.streams.values())).length
+
+    def append(self, values: dict[str, torch.Tensor]) -> None:
+        """values: stream name -> (B, T, D) for every stream of the layer."""
+        T = next(iter(values.values())).shape[1]
+        if self.length + T > self.max_seq:
+            raise ValueError(f"KV cache full: {self.length} + {T} tokens > max_seq {self.max_seq}")
+        for name, stream in self.streams.items():
+            stream.append(values[name])
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.streams.values())
+
+
+class KVCache:
+    """Per-layer caches for one model, preallocated for max_seq tokens of `batch` sequences."""
+
+    def __init__(
+        self,
+        policy: KVPolicy,
+        widths: dict[str, int],
+        n_layer: int,
+        batch: int,
+        max_seq: int,
+        device=None,
+        chunk_tokens: int = 1024,
+    ):
+        self.policy, self.widths, self.batch, self.max_seq = policy, widths, batch, max_seq
+        self.layers = [LayerCache(policy, widths, batch, max_seq, device, chunk_tokens) for _ in range(n_layer)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def nbytes_by_stream(self) -> dict[str, int]:
+        return {name: sum(layer.streams[name].nbytes() for layer in self.layers) for name in self.widths}
+
+
+def estimate_bytes(policy: KVPolicy, widths: dict[str, int], n_layer: int, batch: int, max_seq: int) -> int:
+    """Closed-form bytes of a KVCache: equals KVCache(...).nbytes() exactly."""
+    return n_layer * sum(
+        stream_class(policy.streams[name]).estimate(policy.streams[name], batch, max_seq, width, policy.resid)
+        for name, width in widths.items()
+    )
