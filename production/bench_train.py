@@ -19,11 +19,12 @@ import time
 
 import torch
 
-from production.cli import MODEL_FLAGS, Parser
+from production.cli import Parser
 from production.config import SIZES, resolve_model, resolve_train
 from production.errors import UserError
 from production.model import GPT
 from production.runtime import environment, resolve_runtime, retain_cpu_heap, synchronize
+from production.train_cmd import MODEL_FLAGS
 from production.trainer import build_optimizer
 
 MODE_EXPS = {

@@ -30,3 +30,18 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this harness (no model/config entries)")
     return ckpt
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """The GPT stored in a checkpoint (best.pt or last.pt), on `device`, in eval mode; and the checkpoint."""
+    from production.config import ModelConfig
+    from production.model import GPT
+
+    ckpt = load_checkpoint(path)
+    fields = {k: v for k, v in ckpt["config"]["model"].items() if k != "n_params"}
+    try:
+        model = GPT(ModelConfig(**fields))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} does not match this code's model ({str(e).splitlines()[0]})") from e
+    return model.to(device).eval(), ckpt

@@ -1,4 +1,4 @@
-"""`python main.py --mode train ...`: arguments -> resolved config -> training.
+"""`python main.py --mode train|sample ...`: the argument parser and the dispatch to each command.
 
 User mistakes print one `error: ...` line and exit 2 before any file of an earlier run is touched.
 """
@@ -6,45 +6,11 @@ User mistakes print one `error: ...` line and exit 2 before any file of an earli
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-from production.config import EXPERIMENTS, SIZES, resolve_model, resolve_train
+from production.config import EXPERIMENTS, SIZES
 from production.errors import UserError
-from production.runtime import resolve_runtime
-
-# CLI flag -> config field, for the overrides that map one to one
-MODEL_FLAGS = {
-    "n_layer": "n_layer",
-    "d_model": "d_model",
-    "n_head": "n_head",
-    "d_ff": "d_ff",
-    "block": "block_size",
-    "attn_dim": "attn_dim",
-    "sem_dim": "sem_dim",
-    "geo_dim": "geo_dim",
-    "kv_heads": "kv_heads",
-    "null_attn": "null_attn",
-    "tie_qk": "tie_qk",
-    "rope": "rope",
-    "dropout": "dropout",
-}
-TRAIN_FLAGS = (
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "min_lr",
-    "warmup_steps",
-    "steps",
-    "eval_every",
-    "eval_iters",
-    "log_every",
-    "seed",
-    "weight_decay",
-    "grad_clip",
-)
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,145 +19,88 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# options that belong to one mode only (dest names); giving them to the other mode is an error
+TRAIN_ONLY = ["size", "exp", "data", "out_dir", "n_layer", "d_model", "n_head", "d_ff", "block", "attn_dim",
+              "sem_dim", "geo_dim", "kv_heads", "dropout", "null_attn", "tie_qk", "rope", "batch_size", "grad_accum",
+              "warmup_steps", "steps", "eval_every", "eval_iters", "log_every", "lr", "min_lr", "weight_decay",
+              "grad_clip", "stop_at", "resume", "resume_path", "compile"]  # fmt: skip
+SAMPLE_ONLY = ["ckpt", "prompt", "prompt_tokens", "max_new_tokens", "temperature", "top_k", "greedy", "kv_policy",
+               "max_seq", "json"]  # fmt: skip
+
+
 def build_parser() -> Parser:
     p = Parser(
         prog="main.py",
-        description="Decoupled Bottleneck Attention: train GPT-style models with four attention variants.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Decoupled Bottleneck Attention: train GPT-style models with four attention variants, and "
+        "sample from them with quantized KV caches.",
     )
-    p.add_argument("--mode", default="train", choices=["train"], help="what to do")
-    p.add_argument("--size", default="nano", help=f"size preset: {', '.join(SIZES)}")
-    p.add_argument("--exp", default="paper_decoupled", help=f"experiment preset: {', '.join(EXPERIMENTS)}")
-    p.add_argument(
-        "--data",
-        type=Path,
-        help=".npy uint16 tokens, llm.c .bin shard, or a folder of shards (default: the embedded Shakespeare corpus)",
-    )
-    p.add_argument("--out-dir", type=Path, help="run directory (default: runs/<size>_<exp>_s<seed>)")
-    p.add_argument(
-        "--cache-dir", type=Path, default=Path("~/.cache/dba"), help="where the tokenized embedded corpus is cached"
-    )
-    g = p.add_argument_group("model overrides (default: the presets)")
+    p.add_argument("--mode", default="train", choices=["train", "sample"], help="what to do (default: train)")
+    p.add_argument("--seed", type=int, help="train: the run's seed (default 1337); sample: the sampling seed")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on accelerators, fp32 on CPU), fp32, bf16")
+
+    g = p.add_argument_group("train")
+    g.add_argument("--size", help=f"size preset (default nano): {', '.join(SIZES)}")
+    g.add_argument("--exp", help=f"experiment preset (default paper_decoupled): {', '.join(EXPERIMENTS)}")
+    g.add_argument("--data", type=Path, help=".npy uint16 tokens, llm.c .bin shard, or a folder of shards "
+                   "(default: the embedded Shakespeare corpus)")  # fmt: skip
+    g.add_argument("--out-dir", type=Path, help="run directory (default: runs/<size>_<exp>_s<seed>)")
+    g.add_argument("--cache-dir", type=Path, default=Path("~/.cache/dba"),
+                   help="where the tokenized embedded corpus is cached (default ~/.cache/dba)")  # fmt: skip
     for flag in ("n_layer", "d_model", "n_head", "d_ff", "block", "attn_dim", "sem_dim", "geo_dim", "kv_heads"):
-        g.add_argument(f"--{flag.replace('_', '-')}", type=int)
-    g.add_argument("--dropout", type=float)
+        g.add_argument(f"--{flag.replace('_', '-')}", type=int, help="override the preset")
+    g.add_argument("--dropout", type=float, help="override the preset (0)")
     for flag in ("null_attn", "tie_qk", "rope"):
-        g.add_argument(f"--{flag.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None)
-    g = p.add_argument_group("training overrides (default: the presets)")
-    for flag in ("batch_size", "grad_accum", "warmup_steps", "steps", "eval_every", "eval_iters", "log_every", "seed"):
-        g.add_argument(f"--{flag.replace('_', '-')}", type=int)
+        g.add_argument(f"--{flag.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                       help="override the exp preset")  # fmt: skip
+    for flag in ("batch_size", "grad_accum", "warmup_steps", "steps", "eval_every", "eval_iters", "log_every"):
+        g.add_argument(f"--{flag.replace('_', '-')}", type=int, help="override the preset")
     for flag in ("lr", "min_lr", "weight_decay", "grad_clip"):
-        g.add_argument(f"--{flag.replace('_', '-')}", type=float)
-    g.add_argument(
-        "--stop-at", type=int, help="train up to this step, save last.pt and exit (continue later with --resume)"
-    )
+        g.add_argument(f"--{flag.replace('_', '-')}", type=float, help="override the preset")
+    g.add_argument("--stop-at", type=int, help="train up to this step, save last.pt and exit (then --resume)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
     g.add_argument("--resume-path", type=Path, help="continue from this checkpoint (implies --resume)")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 autocast on accelerators, fp32 on CPU), fp32, bf16")
-    g.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the model (default: on for CUDA)",
-    )
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA)")  # fmt: skip
+
+    g = p.add_argument_group("sample")
+    g.add_argument("--ckpt", type=Path, help="checkpoint to sample from, e.g. runs/<id>/best.pt")
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--prompt-tokens", help='prompt as GPT-2 token ids, e.g. "0 1 2"')
+    g.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--kv-policy", help="fp16 (default), none (no cache: full recompute), or a policy such as "
+                   "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128")  # fmt: skip
+    g.add_argument("--max-seq", type=int, help="cache capacity in tokens (default: the model's block size)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     return p
 
 
-def resolve(args: argparse.Namespace) -> tuple[dict, tuple]:
-    """Arguments -> (resolved config dict, (model_cfg, train_cfg, runtime)). Raises UserError."""
-    from production.model import param_count
-
-    model_cfg = resolve_model(args.size, args.exp, {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items()})
-    train_cfg = resolve_train(args.size, args.exp, {f: getattr(args, f) for f in TRAIN_FLAGS})
-    runtime = resolve_runtime(args.device, args.dtype, args.compile)
-    resolved = {
-        "size": args.size,
-        "exp": args.exp,
-        "model": {**model_cfg.to_dict(), "n_params": param_count(model_cfg)},
-        "train": train_cfg.to_dict(),
-        "runtime": runtime.to_dict(),
-    }
-    return resolved, (model_cfg, train_cfg, runtime)
-
-
-def load_data(args: argparse.Namespace, block_size: int, vocab_size: int):
-    from production.corpus import embedded_tokens
-    from production.data import open_tokens, split_tokens
-
-    if args.data is not None:
-        stream, fmt = open_tokens(args.data)
-        source = str(args.data)
-    else:
-        path, source = embedded_tokens(args.cache_dir.expanduser())
-        stream, fmt = open_tokens(path)
-        fmt = "embedded"
-    return split_tokens(stream, source, fmt, block_size, vocab_size)
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from production.checkpoint import load_checkpoint
-    from production.trainer import RunDir, check_resumable, train
-
-    resolved, (model_cfg, train_cfg, runtime) = resolve(args)
-    splits = load_data(args, model_cfg.block_size, model_cfg.vocab_size)
-    resolved["data"] = splits.info
-    out_dir = args.out_dir or Path("runs") / f"{args.size}_{args.exp}_s{train_cfg.seed}"
-    run = RunDir(out_dir)
-    resume = None
-    if args.resume or args.resume_path:
-        path = args.resume_path or run.last
-        if not path.exists():
-            raise UserError(f"nothing to resume: {path} does not exist (start without --resume)")
-        ckpt = load_checkpoint(path)
-        check_resumable(ckpt, resolved, path)
-        if ckpt["step"] >= train_cfg.steps:
-            print(f"{path} is already at step {ckpt['step']} of {train_cfg.steps}: nothing to train")
-            return 0
-        resume = (path, ckpt)
-    elif run.has_run():
-        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, or --out-dir for a new one")
-    if args.stop_at is not None and args.stop_at < 1:
-        raise UserError(f"--stop-at must be a positive step, got {args.stop_at}")
-    if resume is not None and args.stop_at is not None and args.stop_at <= resume[1]["step"]:
-        raise UserError(f"--stop-at {args.stop_at} is not past the checkpoint's step {resume[1]['step']}")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved["out_dir"] = str(out_dir)
-    write_json_atomic(resolved, run.resolved_config)
-    m, d = resolved["model"], splits.info
-    print(
-        f"model: {m['attn_mode']} d_model={m['d_model']} n_layer={m['n_layer']} n_head={m['n_head']} "
-        f"attn_dim={m['attn_dim']} ({m['n_params'] / 1e6:.2f}M params)"
-    )
-    print(
-        f"data: {d['source']} [{d['format']}], {d['n_tokens']:,} tokens "
-        f"(train {d['train_tokens']:,} / val {d['val_tokens']:,})"
-    )
-    print(f"runtime: {runtime.device} {runtime.dtype} compile={runtime.compile}; run dir {out_dir}")
-    if train_cfg.steps == 0:
-        print(f"--steps 0: wrote {run.resolved_config}; nothing trained")
-        return 0
-    summary = train(resolved, model_cfg, train_cfg, runtime, splits, run, argv, resume, args.stop_at)
-    if summary["done"]:
-        print(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}; checkpoints in {out_dir}")
-    return 0
+def check_mode_options(args: argparse.Namespace, parser: Parser) -> None:
+    """A flag of the other mode is a mistake, not something to ignore."""
+    other = SAMPLE_ONLY if args.mode == "train" else TRAIN_ONLY
+    for dest in other:
+        if getattr(args, dest) not in (None, False, parser.get_default(dest)):
+            raise UserError(f"--{dest.replace('_', '-')} does not apply to --mode {args.mode}")
 
 
 def main(argv: list[str] | None = None) -> int:
     from production.trainer import TrainingError
 
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return cmd_train(args, argv)
+        check_mode_options(args, parser)
+        if args.mode == "sample":
+            from production import sample_cmd
+
+            return sample_cmd.run(args)
+        from production import train_cmd
+
+        return train_cmd.run(args, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -199,5 +108,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; continue later with --resume (from the run's last.pt)", file=sys.stderr)
+        print("\ninterrupted; a training run continues with --resume (from its last.pt)", file=sys.stderr)
         return 130

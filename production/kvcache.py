@@ -55,7 +55,8 @@ def parse_policy(text: str, streams: list[str]) -> KVPolicy:
     text = text.strip()
     if text in PLAIN_KINDS:
         return KVPolicy({s: StreamSpec(text) for s in streams})
-    valid_keys = [k for k, s in POLICY_KEYS.items() if s in streams]
+    key_of = {stream: key for key, stream in POLICY_KEYS.items()}
+    valid_keys = [key_of[s] for s in streams]
     example = ",".join(f"{k}=q8_0@32" for k in valid_keys) + ",resid=0"
     specs, resid = {}, 0
     seen = set()

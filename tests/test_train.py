@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+
 from conftest import TINY, assert_user_error, run_main
 
 MODEL_FIELDS = {
