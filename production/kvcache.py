@@ -23,6 +23,9 @@ import torch
 from production.errors import UserError
 from production.quant import QUANT_KINDS, block_bytes, code_bytes, decode, encode
 
+# Tokens per attention chunk during decode. Big chunks mean few, large ops (8k-16k were fastest at 16k context
+# on a 2-core CPU); the tuner's decode plan may choose per device and context.
+DEFAULT_CHUNK_TOKENS = 8192
 PLAIN_KINDS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # policy-string key -> stream name
 POLICY_KEYS = {"k": "k", "v": "v", "ksem": "k_sem", "kgeo": "k_geo"}
@@ -198,18 +201,36 @@ def build_stream(spec: StreamSpec, batch: int, max_seq: int, width: int, device,
 
 
 class LayerCache:
-    """The streams of one layer, filled in lockstep. Attention reads them `chunk_tokens` tokens at a time."""
+    """The streams of one layer, filled in lockstep. Attention reads them `chunk_tokens` tokens at a time with
+    the matmul strategy `impl` (see cached_attention)."""
 
-    def __init__(self, policy: KVPolicy, widths: dict[str, int], batch: int, max_seq: int, device, chunk_tokens: int):
+    def __init__(
+        self,
+        policy: KVPolicy,
+        widths: dict[str, int],
+        batch: int,
+        max_seq: int,
+        device=None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        impl: str = "auto",
+    ):
         self.streams = {
             name: build_stream(policy.streams[name], batch, max_seq, width, device, policy.resid)
             for name, width in widths.items()
         }
-        self.max_seq, self.chunk_tokens = max_seq, chunk_tokens
+        self.max_seq, self.chunk_tokens, self.impl = max_seq, chunk_tokens, impl
 
     @property
     def length(self) -> int:
         return next(iter(self.streams.values())).length
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """Token ranges covering [0, length) for attention: `chunk_tokens` at a time over the part every stream
+        holds quantized (pure dequantization), then the exact windows in one final range."""
+        n = self.length
+        split = min([s.n_q for s in self.streams.values() if isinstance(s, QuantStream)], default=n)
+        bounds = sorted({*range(0, split, self.chunk_tokens), split, n} - {0} | {0})
+        return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
     def append(self, values: dict[str, torch.Tensor]) -> None:
         """values: stream name -> (B, T, D) for every stream of the layer."""
@@ -234,10 +255,11 @@ class KVCache:
         batch: int,
         max_seq: int,
         device=None,
-        chunk_tokens: int = 1024,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        impl: str = "auto",
     ):
         self.policy, self.widths, self.batch, self.max_seq = policy, widths, batch, max_seq
-        self.layers = [LayerCache(policy, widths, batch, max_seq, device, chunk_tokens) for _ in range(n_layer)]
+        self.layers = [LayerCache(policy, widths, batch, max_seq, device, chunk_tokens, impl) for _ in range(n_layer)]
 
     @property
     def length(self) -> int:

@@ -15,7 +15,7 @@ from torch import nn
 
 from production.attention import build_attention, cache_widths
 from production.config import ModelConfig
-from production.kvcache import KVCache, KVPolicy
+from production.kvcache import DEFAULT_CHUNK_TOKENS, KVCache, KVPolicy
 from production.rope import Rotary
 
 
@@ -93,10 +93,14 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def new_cache(self, policy: KVPolicy, batch: int, max_seq: int, chunk_tokens: int = 1024) -> KVCache:
-        """An empty cache for `batch` sequences of up to max_seq tokens, on the model's device."""
+    def new_cache(
+        self, policy: KVPolicy, batch: int, max_seq: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, impl: str = "auto"
+    ) -> KVCache:
+        """An empty cache for `batch` sequences of up to max_seq tokens, on the model's device; decode reads it
+        `chunk_tokens` at a time with matmul strategy `impl` (production.cached_attention)."""
         device = self.wte.weight.device
-        return KVCache(policy, cache_widths(self.cfg), self.cfg.n_layer, batch, max_seq, device, chunk_tokens)
+        widths = cache_widths(self.cfg)
+        return KVCache(policy, widths, self.cfg.n_layer, batch, max_seq, device, chunk_tokens, impl)
 
     def num_params(self) -> int:
         """Unique parameters (the tied head and tied Q/K count once)."""

@@ -105,11 +105,12 @@ def naive_cached(q, k, v, null_k=None, null_v=None):
 @pytest.mark.parametrize("Hkv", [4, 2, 1])
 @pytest.mark.parametrize("Tq", [1, 5])
 @pytest.mark.parametrize("null", [False, True])
-def test_chunked_online_softmax_equals_full_softmax(Hkv, Tq, null):
+@pytest.mark.parametrize("impl", ["bmm", "blockdiag"])
+def test_chunked_online_softmax_equals_full_softmax(Hkv, Tq, null, impl):
     torch.manual_seed(0)
     B, H, d, n = 2, 4, 8, 45
     layer = LayerCache(parse_policy("k=q8_0@32,v=q4_0@32,resid=6", ["k", "v"]), {"k": Hkv * d, "v": Hkv * d},
-                       B, 64, None, chunk_tokens=7)  # fmt: skip
+                       B, 64, None, chunk_tokens=7, impl=impl)  # fmt: skip
     layer.append({"k": torch.randn(B, n, Hkv * d), "v": torch.randn(B, n, Hkv * d)})
     q = torch.randn(B, H, Tq, d)
     null_k, null_v = (torch.randn(Hkv, d), torch.randn(Hkv, d)) if null else (None, None)
