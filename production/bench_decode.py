@@ -27,13 +27,12 @@ from production.cached_attention import IMPLS
 from production.cli import Parser
 from production.config import EXPERIMENTS, SIZES, resolve_model
 from production.errors import UserError
-from production.kvcache import DEFAULT_CHUNK_TOKENS, estimate_bytes, parse_policy
+from production.kvcache import DEFAULT_CHUNK_TOKENS, estimate_bytes, fill_random, parse_policy
 from production.model import GPT
 from production.runtime import environment, resolve_runtime, retain_cpu_heap, synchronize
 
 PAPER_POLICY = "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
 DEFAULT_QUANT = {"decoupled": PAPER_POLICY}
-FILL_CHUNK = 4096  # tokens appended per call while filling
 
 
 def split_policies(text: str) -> list[str]:
@@ -59,19 +58,6 @@ def split_policies(text: str) -> list[str]:
 
 
 @torch.no_grad()
-def fill(model: GPT, cache, context: int, generator: torch.Generator) -> None:
-    """Append `context` tokens of random K/V (unit normal) to every layer, in chunks."""
-    B = cache.batch
-    for layer in cache.layers:
-        for t0 in range(0, context, FILL_CHUNK):
-            T = min(FILL_CHUNK, context - t0)
-            layer.append({
-                name: torch.randn(B, T, width, generator=generator).to(model.wte.weight.device)
-                for name, width in cache.widths.items()
-            })  # fmt: skip
-
-
-@torch.no_grad()
 def decode_step(model: GPT, cache, runtime) -> float:
     """Seconds for one real decode step through the whole model (device synced before and after)."""
     token = torch.zeros(1, 1, dtype=torch.long, device=runtime.device)
@@ -89,7 +75,7 @@ def time_rows(rows: list[dict], args, runtime) -> None:
     for row in rows:
         row["cache"] = row["model"].new_cache(row["policy"], 1, row["context"] + args.warmup +
                                               args.rounds * args.steps, args.chunk, args.impl)  # fmt: skip
-        fill(row["model"], row["cache"], row["context"], torch.Generator().manual_seed(0))
+        fill_random(row["cache"], row["context"], torch.Generator().manual_seed(0))
         for _ in range(args.warmup):
             decode_step(row["model"], row["cache"], runtime)
         row["times"] = []

@@ -126,6 +126,9 @@ class PlainStream:
     def nbytes(self) -> int:
         return self.data.nbytes
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.data]
+
     @staticmethod
     def estimate(spec: StreamSpec, batch: int, max_seq: int, width: int, resid: int) -> int:
         return batch * max_seq * width * PLAIN_KINDS[spec.kind].itemsize
@@ -182,6 +185,9 @@ class QuantStream:
 
     def nbytes(self) -> int:
         return self.scale.nbytes + self.codes.nbytes + self.window.nbytes
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.scale, self.codes, self.window]
 
     @staticmethod
     def estimate(spec: StreamSpec, batch: int, max_seq: int, width: int, resid: int) -> int:
@@ -270,6 +276,17 @@ class KVCache:
 
     def nbytes_by_stream(self) -> dict[str, int]:
         return {name: sum(layer.streams[name].nbytes() for layer in self.layers) for name in self.widths}
+
+
+@torch.no_grad()
+def fill_random(cache: KVCache, n_tokens: int, generator: torch.Generator, chunk: int = 4096) -> None:
+    """Append n_tokens of unit-normal K/V to every layer (for benchmarks: decode cost does not depend on values)."""
+    device = cache.layers[0].streams[next(iter(cache.widths))].tensors()[0].device
+    for layer in cache.layers:
+        for t0 in range(0, n_tokens, chunk):
+            T = min(chunk, n_tokens - t0)
+            layer.append({name: torch.randn(cache.batch, T, width, generator=generator).to(device)
+                          for name, width in cache.widths.items()})  # fmt: skip
 
 
 def estimate_bytes(policy: KVPolicy, widths: dict[str, int], n_layer: int, batch: int, max_seq: int) -> int:

@@ -68,7 +68,12 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name(torch.device(device))
     if kind == "mps":
         return "Apple MPS"
-    return platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return names[0]
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
 
 
 def git_state() -> dict:
