@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from production.errors import UserError
+from production.tokenfile import LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION
 
-LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
 VAL_FRACTION = 0.1
 
 

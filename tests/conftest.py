@@ -1,9 +1,14 @@
+import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken
+
+from production.tokenizer import gpt2_files
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,3 +64,20 @@ def token_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "tokens.npy"
     np.save(path, tokens)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(tmp_path_factory):
+    """tiktoken's own get_encoding("gpt2"), offline: its cache is filled with the locally installed files under
+    the names of the URLs it would download (tiktoken checks their sha256 on read)."""
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    for path in gpt2_files():
+        shutil.copy(path, cache / hashlib.sha1((base + path.name).encode()).hexdigest())
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    tiktoken.registry.ENCODINGS.pop("gpt2", None)
+    enc = tiktoken.get_encoding("gpt2")
+    yield enc
+    tiktoken.registry.ENCODINGS.pop("gpt2", None)
+    mp.undo()

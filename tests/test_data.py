@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from production.corpus import clean_play, embedded_tokens
-from production.data import LLMC_MAGIC, WindowSampler, fixed_batches, open_tokens, split_tokens
+from production.data import WindowSampler, fixed_batches, open_tokens, split_tokens
 from production.errors import UserError
+from production.tokenfile import LLMC_MAGIC
 from production.tokenizer import get_tokenizer
 
 

@@ -1,10 +1,6 @@
-import hashlib
-import shutil
-
 import pytest
-import tiktoken
 
-from production.tokenizer import get_tokenizer, gpt2_files
+from production.tokenizer import get_tokenizer
 
 SAMPLES = [
     "hello world",
@@ -17,23 +13,6 @@ SAMPLES = [
     "<|endoftext|> is text here",
     "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiktoken_gpt2(tmp_path_factory):
-    """tiktoken's own get_encoding("gpt2"), offline: its cache is filled with the locally installed files under
-    the names of the URLs it would download (tiktoken checks their sha256 on read)."""
-    cache = tmp_path_factory.mktemp("tiktoken-cache")
-    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    for path in gpt2_files():
-        shutil.copy(path, cache / hashlib.sha1((base + path.name).encode()).hexdigest())
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-    tiktoken.registry.ENCODINGS.pop("gpt2", None)
-    enc = tiktoken.get_encoding("gpt2")
-    yield enc
-    tiktoken.registry.ENCODINGS.pop("gpt2", None)
-    mp.undo()
 
 
 def test_known_ids():
