@@ -87,7 +87,7 @@ def git_state() -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain")  # untracked (not ignored) files count: they may be code that runs
     return {"commit": commit, "dirty": None if commit is None else bool(status)}
 
 

@@ -1,0 +1,156 @@
+"""The paper manifest (DESIGN.md 9): loading, validation against the config code, and per-run plans.
+
+A manifest is `{version: 2, defaults: {overrides}, groups: [{name, description, data, overrides?, runs: [{id, exp,
+size, seed, steps, overrides?, expected}]}]}`. Overrides use config field names (n_layer, block_size, eval_every,
+...); `expected` names resolved-config fields (model or train fields, size, exp) and the values they must have.
+Every selected run is resolved exactly as `main.py --steps 0` resolves it, and checked, before anything trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from production.errors import UserError
+
+MANIFEST_VERSION = 2
+RUN_KEYS = {"id", "exp", "size", "seed", "steps", "overrides", "expected"}
+RUN_REQUIRED = ("id", "exp", "size", "seed", "steps", "expected")
+GROUP_KEYS = {"name", "description", "data", "overrides", "runs"}
+# config field -> main.py flag, for overrides
+FLAG_FOR = {"block_size": "block"}
+MODEL_FIELDS = ("n_layer", "d_model", "n_head", "d_ff", "block_size", "attn_dim", "sem_dim", "geo_dim", "kv_heads",
+                "null_attn", "tie_qk", "rope", "dropout")  # fmt: skip
+TRAIN_FIELDS = ("batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "eval_every", "eval_iters", "log_every",
+                "weight_decay", "grad_clip")  # fmt: skip
+OVERRIDE_FIELDS = MODEL_FIELDS + TRAIN_FIELDS
+
+
+@dataclass
+class RunPlan:
+    group: str
+    spec: dict  # the manifest entry
+    data: str | None  # token file, None = the embedded corpus
+    argv: list[str]  # main.py arguments (without --resume)
+    resolved: dict  # resolved config without the data section
+
+    @property
+    def id(self) -> str:
+        return self.spec["id"]
+
+    def command(self, extra: list[str] = ()) -> list[str]:
+        return [sys.executable, "main.py", *self.argv, *extra]
+
+    def command_text(self, extra: list[str] = ()) -> str:
+        return shlex.join(self.command(extra))
+
+
+def load_manifest(path: Path) -> tuple[dict, str]:
+    """Parsed manifest and its sha256; structural problems are UserErrors naming the place."""
+    if not path.is_file():
+        raise UserError(f"manifest {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UserError(f"manifest {path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise UserError(f"manifest {path} must be an object with version {MANIFEST_VERSION}")
+    groups = manifest.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise UserError(f"manifest {path} has no groups")
+    seen = set()
+    for g in groups:
+        if not isinstance(g, dict) or "name" not in g or not isinstance(g.get("runs"), list):
+            raise UserError(f"manifest {path}: every group needs a name and a runs list")
+        extra = set(g) - GROUP_KEYS
+        if extra:
+            raise UserError(f"manifest group {g['name']}: unknown keys {sorted(extra)}")
+        for r in g["runs"]:
+            missing = [k for k in RUN_REQUIRED if k not in r]
+            if missing:
+                raise UserError(f"manifest run {r.get('id', '?')} (group {g['name']}) lacks {', '.join(missing)}")
+            if set(r) - RUN_KEYS:
+                raise UserError(f"manifest run {r['id']}: unknown keys {sorted(set(r) - RUN_KEYS)}")
+            if r["id"] in seen:
+                raise UserError(f"manifest run id {r['id']} appears twice")
+            seen.add(r["id"])
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+def select_runs(manifest: dict, group: str, only: list[str] | None) -> tuple[dict, list[dict]]:
+    names = [g["name"] for g in manifest["groups"]]
+    if group not in names:
+        raise UserError(f"no group {group!r} in the manifest; groups: {', '.join(names)}")
+    g = manifest["groups"][names.index(group)]
+    runs = g["runs"]
+    if only:
+        ids = [r["id"] for r in runs]
+        unknown = [i for i in only if i not in ids]
+        if unknown:
+            raise UserError(f"run(s) {', '.join(unknown)} not in group {group}; its runs: {', '.join(ids)}")
+        runs = [r for r in runs if r["id"] in only]
+    return g, runs
+
+
+def override_flags(overrides: dict, where: str) -> list[str]:
+    flags = []
+    for key, value in overrides.items():
+        if key not in OVERRIDE_FIELDS:
+            raise UserError(f"{where}: unknown override {key!r}; valid: {', '.join(OVERRIDE_FIELDS)}")
+        flag = "--" + FLAG_FOR.get(key, key).replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else flag.replace("--", "--no-", 1))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def resolved_value(resolved: dict, field: str):
+    """Look a field up in the resolved config: top level (size, exp), then model, then train."""
+    for section in (resolved, resolved["model"], resolved["train"]):
+        if field in section and not isinstance(section[field], dict):
+            return section[field]
+    raise KeyError(field)
+
+
+def plan_runs(manifest: dict, group: dict, runs: list[dict], runs_dir: Path, device: str) -> list[RunPlan]:
+    """Resolve every run as main.py would and check `expected`; all problems are reported together."""
+    from production.cli import build_parser
+    from production.train_cmd import resolve
+
+    parser = build_parser()
+    defaults = manifest.get("defaults", {}).get("overrides", {})
+    plans, problems = [], []
+    for r in runs:
+        where = f"run {r['id']}"
+        try:
+            overrides = {**defaults, **group.get("overrides", {}), **r.get("overrides", {})}
+            argv = ["--mode", "train", "--size", r["size"], "--exp", r["exp"], "--seed", str(r["seed"]),
+                    "--steps", str(r["steps"]), "--out-dir", str(runs_dir / r["id"]), "--device", device,
+                    *override_flags(overrides, where)]  # fmt: skip
+            if group.get("data"):
+                argv += ["--data", group["data"]]
+            resolved, _ = resolve(parser.parse_args(argv))
+        except UserError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if not isinstance(r["expected"], dict) or not r["expected"]:
+            problems.append(f"{where}: `expected` must be a non-empty object of resolved-config fields")
+            continue
+        for field, want in r["expected"].items():
+            try:
+                got = resolved_value(resolved, field)
+            except KeyError:
+                problems.append(f"{where}: expected field {field!r} is not a resolved-config field")
+                continue
+            if got != want:
+                problems.append(f"{where}: expected {field} = {want!r}, but it resolves to {got!r}")
+        plans.append(RunPlan(group["name"], r, group.get("data"), argv, resolved))
+    if problems:
+        raise UserError(f"{len(problems)} manifest problem(s): " + "; ".join(problems))
+    return plans

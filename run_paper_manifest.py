@@ -1,0 +1,67 @@
+"""Reproduce the paper's runs from paper_manifest.json with provenance. See README.md and `--help`.
+
+python run_paper_manifest.py --group mac_fw100m --dry-run
+python run_paper_manifest.py --group cpu_smoke --post-mem128k
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from production.cli import Parser
+from production.errors import UserError
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="run_paper_manifest.py", description="Validate, then run a group of the paper manifest: "
+               "provenance first, training as main.py subprocesses, finished runs skipped, interrupted ones "
+               "resumed, a status table at the end.")  # fmt: skip
+    p.add_argument(
+        "--group", required=True, help="manifest group to run (e.g. mac_fw100m, a100_fw1b_1bscale, cpu_smoke)"
+    )
+    p.add_argument("--manifest", type=Path, default=Path("paper_manifest.json"))
+    p.add_argument("--only", nargs="+", metavar="ID", help="run only these run ids of the group")
+    p.add_argument("--dry-run", action="store_true", help="resolve, check and print the commands; train nothing")
+    p.add_argument("--post-mem128k", action="store_true", help="write mem128k.json for each finished run")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
+    p.add_argument("--device", default="auto", help="device for training and the memory benchmark")
+    args = p.parse_args(argv)
+    from production.harness import check_data, run_one, table
+    from production.manifest import load_manifest, plan_runs, select_runs
+
+    try:
+        manifest, sha = load_manifest(args.manifest)
+        group, runs = select_runs(manifest, args.group, args.only)
+        plans = plan_runs(manifest, group, runs, args.runs_dir, args.device)
+        print(f"{args.manifest} (sha256 {sha[:12]}), group {args.group}: {len(plans)} run(s), every `expected` holds")
+        if args.dry_run:
+            data = group.get("data")
+            if data:
+                print(
+                    f"data: {data}" + ("" if Path(data).exists() else " (MISSING: create it with prepare_fineweb.py)")
+                )
+            else:
+                print("data: the embedded corpus")
+            for plan in plans:
+                m, t = plan.resolved["model"], plan.resolved["train"]
+                dims = " ".join([
+                    f"{m['attn_mode']} d_model={m['d_model']} n_layer={m['n_layer']} n_head={m['n_head']}",
+                    f"attn_dim={m['attn_dim']} sem/geo={m['sem_dim']}/{m['geo_dim']} kv_heads={m['kv_heads']}",
+                    f"null={m['null_attn']} tie_qk={m['tie_qk']} rope={m['rope']} params={m['n_params'] / 1e6:.1f}M",
+                    f"steps={t['steps']} lr={t['lr']} batch={t['batch_size']}x{t['grad_accum']}x{m['block_size']}",
+                ])  # fmt: skip
+                print(f"\n{plan.id}: {dims}\n  {plan.command_text()}")
+            return 0
+        check_data(plans)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    results = [run_one(plan, args.runs_dir, args.manifest, sha, args.device, args.post_mem128k) for plan in plans]
+    print(f"\ngroup {args.group}: {len(results)} run(s) in {time.time() - t0:.0f}s")
+    print(table(results))
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

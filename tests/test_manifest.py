@@ -1,0 +1,129 @@
+"""paper_manifest.json against the config code, and run_paper_manifest.py end to end on a tiny manifest."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_main
+from production.errors import UserError
+from production.manifest import load_manifest, plan_runs, select_runs
+
+TINY = {"n_layer": 1, "d_model": 64, "d_ff": 128, "block_size": 32, "batch_size": 4, "eval_every": 4,
+        "eval_iters": 1}  # fmt: skip
+
+
+def run_manifest(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "run_paper_manifest.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_shipped_manifest_resolves_and_every_expected_holds(tmp_path):
+    manifest, sha = load_manifest(REPO / "paper_manifest.json")
+    assert manifest["version"] == 2 and len(sha) == 64
+    ids = {}
+    for group in ("mac_fw100m", "a100_fw1b_1bscale", "cpu_smoke"):
+        g, runs = select_runs(manifest, group, None)
+        plans = plan_runs(manifest, g, runs, tmp_path, "cpu")
+        ids[group] = [p.id for p in plans]
+        for p in plans:
+            assert p.resolved["train"]["steps"] == p.spec["steps"] and p.resolved["train"]["seed"] == p.spec["seed"]
+    mac = set(ids["mac_fw100m"])
+    expect = {
+        f"mac_fw100m_l12_{v}_s{s}" for v in ("baseline", "bottleneck", "decoupled", "gqa") for s in (1337, 1338, 1339)
+    }
+    expect |= {f"mac_fw100m_l12_baseline_lr{lr}_s1337" for lr in ("2e4", "3e4", "4e4")}
+    expect |= {"mac_fw100m_l12_baseline_12000_s1337", "mac_fw100m_l12_decoupled_12000_s1337"}
+    expect |= {f"mac_fw100m_l12_decoupled_{a}_s1337" for a in ("null", "notieqk", "norope")}
+    assert mac == expect and len(ids["mac_fw100m"]) == 20
+    assert ids["a100_fw1b_1bscale"] == ["a100_fw1b_l22_baseline_s1337", "a100_fw1b_l22_decoupled_s1337"]
+    assert len(ids["cpu_smoke"]) == 4
+    g, runs = select_runs(manifest, "mac_fw100m", ["mac_fw100m_l12_decoupled_12000_s1337"])
+    assert plan_runs(manifest, g, runs, tmp_path, "cpu")[0].resolved["train"]["steps"] == 12000
+    g, runs = select_runs(manifest, "a100_fw1b_1bscale", None)
+    assert all(p.resolved["model"]["n_layer"] == 22 for p in plan_runs(manifest, g, runs, tmp_path, "cpu"))
+
+
+def write_manifest(path, runs, data=None, group="g"):
+    groups = [{"name": group, "description": "test", "data": data, "runs": runs}]
+    path.write_text(json.dumps({"version": 2, "defaults": {"overrides": TINY}, "groups": groups}))
+    return path
+
+
+def spec(id_, exp="paper_decoupled", **kw):
+    return {"id": id_, "exp": exp, "size": "nano", "seed": 1, "steps": 8, "expected": {"attn_mode": "decoupled"}, **kw}
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"expected": {"attn_mode": "standard"}}, "expected attn_mode = 'standard', but it resolves to 'decoupled'"),
+    ({"expected": {"flux": 3}}, "expected field 'flux' is not a resolved-config field"),
+    ({"exp": "paper_turbo"}, "unknown exp 'paper_turbo'"),
+    ({"overrides": {"warp": 9}}, "unknown override 'warp'"),
+    ({"overrides": {"n_head": 3}}, "n_head=3 does not divide d_model"),
+])  # fmt: skip
+def test_bad_runs_are_clear_errors_before_anything_trains(tmp_path, change, match):
+    m = write_manifest(tmp_path / "m.json", [spec("a"), {**spec("b"), **change}])
+    manifest, _ = load_manifest(m)
+    g, runs = select_runs(manifest, "g", None)
+    with pytest.raises(UserError, match="run b: " + match.replace("(", r"\(").replace(")", r"\)")):
+        plan_runs(manifest, g, runs, tmp_path / "runs", "cpu")
+    proc = run_manifest("--manifest", m, "--group", "g", "--runs-dir", tmp_path / "runs")
+    assert proc.returncode == 2 and "run b:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+
+
+def test_missing_group_run_and_manifest(tmp_path):
+    m = write_manifest(tmp_path / "m.json", [spec("a")])
+    assert "groups: g" in run_manifest("--manifest", m, "--group", "nope").stderr
+    assert "not in group g" in run_manifest("--manifest", m, "--group", "g", "--only", "zz").stderr
+    assert "does not exist" in run_manifest("--manifest", tmp_path / "no.json", "--group", "g").stderr
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "not valid JSON" in run_manifest("--manifest", tmp_path / "bad.json", "--group", "g").stderr
+
+
+def test_dry_run_trains_nothing_and_names_missing_data(tmp_path):
+    m = write_manifest(tmp_path / "m.json", [spec("a")], data=str(tmp_path / "fineweb_100m.npy"))
+    proc = run_manifest("--manifest", m, "--group", "g", "--dry-run", "--runs-dir", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    assert "MISSING" in proc.stdout and "main.py --mode train --size nano --exp paper_decoupled" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+    real = run_manifest("--manifest", m, "--group", "g", "--runs-dir", tmp_path / "runs")
+    assert real.returncode == 2 and "does not exist" in real.stderr
+
+
+def test_runs_with_provenance_then_skip_resume_and_survive_a_failure(tmp_path, token_file):
+    runs_dir = tmp_path / "runs"
+    m = write_manifest(tmp_path / "m.json", [
+        spec("ok"),
+        spec("partial", exp="paper_baseline", expected={"attn_mode": "standard"}),
+        spec("boom", overrides={"lr": 1e30, "warmup_steps": 0, "grad_clip": 1e30}),
+    ], data=str(token_file))  # fmt: skip
+    # an interrupted run: stopped at step 3 with a last.pt, as if killed mid-way
+    partial = run_main("--mode", "train", "--size", "nano", "--exp", "paper_baseline", "--seed", "1", "--steps", "8",
+                       "--out-dir", runs_dir / "partial", "--device", "cpu", "--data", token_file, "--n-layer", "1",
+                       "--d-model", "64", "--d-ff", "128", "--block", "32", "--batch-size", "4", "--eval-every", "4",
+                       "--eval-iters", "1", "--stop-at", "3")  # fmt: skip
+    assert partial.returncode == 0, partial.stderr
+    proc = run_manifest("--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu", "--post-mem128k")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one run failed
+    table = proc.stdout[proc.stdout.index("\ngroup g: 3 run(s)") :].strip().split("\n", 1)[1]
+    assert " done " in table.splitlines()[1] and " resumed " in table.splitlines()[2]
+    assert " failed " in table.splitlines()[3] and "training loss is nan" in table.splitlines()[3]
+    ok = runs_dir / "ok"
+    cmd = (ok / "command.txt").read_text()
+    assert "main.py --mode train --size nano --exp paper_decoupled --seed 1 --steps 8" in cmd
+    prov = json.loads((ok / "resolved_run.json").read_text())
+    assert {"git_commit", "git_dirty", "python", "torch", "device", "manifest_sha256", "started"} <= set(prov)
+    assert prov["status"] == "done" and prov["manifest_sha256"] == load_manifest(m)[1]
+    assert json.loads((ok / "resolved_config.json").read_text())["model"]["attn_mode"] == "decoupled"
+    mem = json.loads((ok / "mem128k.json").read_text())
+    assert "decomposition" in mem  # decoupled runs get --decompose
+    assert "decomposition" not in json.loads((runs_dir / "partial" / "mem128k.json").read_text())
+    types = [json.loads(line)["type"] for line in (runs_dir / "partial" / "train.jsonl").read_text().splitlines()]
+    assert types.count("meta") == 1 and types.count("resume_meta") == 1 and types[-1] == "done"  # resumed
+    assert "--resume" in (runs_dir / "partial" / "command.txt").read_text()
+    assert json.loads((runs_dir / "boom" / "resolved_run.json").read_text())["status"] == "failed"
+    again = run_manifest("--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu", "--only", "ok",
+                         "partial")  # fmt: skip
+    assert again.returncode == 0 and again.stdout.count(" skipped ") == 2
