@@ -1,9 +1,11 @@
 """The paper manifest (DESIGN.md 9): loading, validation against the config code, and per-run plans.
 
-A manifest is `{version: 2, defaults: {overrides}, groups: [{name, description, data, overrides?, runs: [{id, exp,
-size, seed, steps, overrides?, expected}]}]}`. Overrides use config field names (n_layer, block_size, eval_every,
-...); `expected` names resolved-config fields (model or train fields, size, exp) and the values they must have.
-Every selected run is resolved exactly as `main.py --steps 0` resolves it, and checked, before anything trains.
+A manifest is `{version: 2, defaults: {overrides}, groups: [...]}`; a group is `{name, description, paper,
+table, data, overrides?, runs}` and a run `{id, exp, size, seed, steps, overrides?, expected}`. `paper` marks
+the groups the paper reports by default, `table` the generated table (main or scale) that shows them.
+Overrides use config field names (n_layer, block_size, eval_every, ...); `expected` names resolved-config fields
+(model or train fields, size, exp) and the values they must have. Every selected run is resolved exactly as
+`main.py --steps 0` resolves it, and checked, before anything trains.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from production.errors import UserError
 MANIFEST_VERSION = 2
 RUN_KEYS = {"id", "exp", "size", "seed", "steps", "overrides", "expected"}
 RUN_REQUIRED = ("id", "exp", "size", "seed", "steps", "expected")
-GROUP_KEYS = {"name", "description", "data", "overrides", "runs"}
+GROUP_KEYS = {"name", "description", "paper", "table", "data", "overrides", "runs"}
 # config field -> main.py flag, for overrides
 FLAG_FOR = {"block_size": "block"}
 MODEL_FIELDS = ("n_layer", "d_model", "n_head", "d_ff", "block_size", "attn_dim", "sem_dim", "geo_dim", "kv_heads",
