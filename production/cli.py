@@ -25,7 +25,8 @@ TRAIN_ONLY = ["size", "exp", "data", "out_dir", "n_layer", "d_model", "n_head", 
               "warmup_steps", "steps", "eval_every", "eval_iters", "log_every", "lr", "min_lr", "weight_decay",
               "grad_clip", "stop_at", "resume", "resume_path", "compile"]  # fmt: skip
 SAMPLE_ONLY = ["ckpt", "prompt", "prompt_tokens", "max_new_tokens", "temperature", "top_k", "greedy", "kv_policy",
-               "max_seq", "json"]  # fmt: skip
+               "max_seq", "json", "guard_max_logit", "guard_nll", "guard_ppl", "max_cache_bytes",
+               "tuner_max_candidates"]  # fmt: skip
 
 
 def build_parser() -> Parser:
@@ -38,6 +39,8 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, help="train: the run's seed (default 1337); sample: the sampling seed")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on accelerators, fp32 on CPU), fp32, bf16")
+    p.add_argument("--tuner-store", type=Path, default=Path("runs/tuner.json"),
+                   help="the tuner's decision store (default runs/tuner.json)")  # fmt: skip
 
     g = p.add_argument_group("train")
     g.add_argument("--size", help=f"size preset (default nano): {', '.join(SIZES)}")
@@ -71,8 +74,16 @@ def build_parser() -> Parser:
     g.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
     g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--kv-policy", help="fp16 (default), none (no cache: full recompute), or a policy such as "
-                   "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128")  # fmt: skip
+    g.add_argument(
+        "--kv-policy",
+        help="auto (default: the smallest policy passing the quality guard), fp16, none (no cache: full "
+        "recompute), or a policy such as ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128",
+    )
+    g.add_argument("--guard-max-logit", type=float, help="auto: max |delta logit| vs fp16 (default 0.5)")
+    g.add_argument("--guard-nll", type=float, help="auto: max mean delta NLL in nats (default 0.02)")
+    g.add_argument("--guard-ppl", type=float, help="auto: max perplexity ratio (default 1.02)")
+    g.add_argument("--max-cache-bytes", type=int, help="auto: only policies whose cache fits in this many bytes")
+    g.add_argument("--tuner-max-candidates", type=int, help="auto: policies judged at most (default 24)")
     g.add_argument("--max-seq", type=int, help="cache capacity in tokens (default: the model's block size)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     return p

@@ -24,7 +24,7 @@ class RuntimeConfig:
 
     device: str
     dtype: str
-    compile: bool
+    compile: bool | None  # None: let the tuner measure it (CUDA)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +42,7 @@ def mps_available() -> bool:
 
 def resolve_runtime(device: str = "auto", dtype: str = "auto", compile: bool | None = None) -> RuntimeConfig:
     """auto device: cuda > mps > cpu. auto dtype: bf16 where the accelerator supports it, fp32 on CPU.
-    auto compile: on for CUDA (where torch.compile pays), off elsewhere."""
+    auto compile: measured by the tuner on CUDA (None here), off elsewhere."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     kind = torch.device(device).type
@@ -57,8 +57,8 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto", compile: bool | N
         dtype = "bf16" if bf16_ok else "fp32"
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
-    if compile is None:
-        compile = kind == "cuda"
+    if compile is None and kind != "cuda":
+        compile = False
     return RuntimeConfig(device=device, dtype=dtype, compile=compile)
 
 

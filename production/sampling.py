@@ -44,10 +44,17 @@ def pick_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Genera
 
 @torch.no_grad()
 def generate(
-    model: GPT, prompt: torch.Tensor, cfg: SamplingConfig, policy: KVPolicy | None, max_seq: int, autocast=None
+    model: GPT,
+    prompt: torch.Tensor,
+    cfg: SamplingConfig,
+    policy: KVPolicy | None,
+    max_seq: int,
+    autocast=None,
+    on_prefill=None,
 ) -> dict:
-    """prompt (B, T) ids -> {"ids": (B, max_new_tokens), "cache_bytes", "prefill_ms", "ms_per_token"}.
-    policy None means no cache: every step recomputes the full sequence."""
+    """prompt (B, T) ids -> {"ids": (B, max_new_tokens), "cache_bytes", "prefill_ms", "ms_per_token",
+    "decode_plan"}. policy None means no cache: every step recomputes the full sequence. on_prefill(cache), if
+    given, runs once the prompt is in the cache (the decode planner); its result is returned as "decode_plan"."""
     import contextlib
 
     autocast = autocast or contextlib.nullcontext
@@ -62,6 +69,7 @@ def generate(
         logits, _ = model(ids, cache=cache, last_only=True)
     synchronize(str(device))
     prefill_ms = 1000 * (time.perf_counter() - t0)
+    plan = on_prefill(cache) if on_prefill is not None and cache is not None else None
     for i in range(cfg.max_new_tokens):
         nxt = pick_next(logits[:, -1].float(), cfg, generator)
         out.append(nxt)
@@ -81,4 +89,5 @@ def generate(
         "cache_bytes": 0 if cache is None else cache.nbytes(),
         "prefill_ms": prefill_ms,
         "ms_per_token": 1000 * sum(step_times) / len(step_times) if step_times else None,
+        "decode_plan": plan,
     }

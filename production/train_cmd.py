@@ -121,11 +121,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         f"data: {d['source']} [{d['format']}], {d['n_tokens']:,} tokens "
         f"(train {d['train_tokens']:,} / val {d['val_tokens']:,})"
     )
-    print(f"runtime: {runtime.device} {runtime.dtype} compile={runtime.compile}; run dir {out_dir}")
+    compile_text = "auto (measured)" if runtime.compile is None else runtime.compile
+    print(f"runtime: {runtime.device} {runtime.dtype} compile={compile_text}; run dir {out_dir}")
     if train_cfg.steps == 0:
         print(f"--steps 0: wrote {run.resolved_config}; nothing trained")
         return 0
-    summary = train(resolved, model_cfg, train_cfg, runtime, splits, run, argv, resume, args.stop_at)
+    from production.tuner import DecisionStore
+
+    summary = train(resolved, model_cfg, train_cfg, runtime, splits, run, argv, resume, args.stop_at,
+                    DecisionStore(args.tuner_store))  # fmt: skip
     if summary["done"]:
         print(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}; checkpoints in {out_dir}")
     return 0

@@ -18,6 +18,8 @@ from production.data import TokenSplits, WindowSampler, fixed_batches, stack_win
 from production.errors import UserError
 from production.model import GPT
 from production.runtime import RuntimeConfig, environment, retain_cpu_heap, synchronize
+from production.train_tuning import tune_training
+from production.tuner import DecisionStore
 
 # Recipe fields a resumed run may change; anything else differing from the checkpoint is an error.
 RESUME_MAY_CHANGE = ("steps", "eval_every", "eval_iters", "log_every")
@@ -84,17 +86,19 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: str) -> torch.optim.Ad
 
 
 @torch.no_grad()
-def evaluate(model, splits_part, batches: list[list[int]], block_size: int, runtime: RuntimeConfig) -> float:
-    """Mean loss over fixed windows."""
+def evaluate(model, tokens, batches: list[list[int]], block_size: int, runtime: RuntimeConfig, micro: int) -> float:
+    """Mean loss over fixed windows, run `micro` windows at a time (the windows do not depend on it)."""
     model.eval()
-    total = torch.zeros((), device=runtime.device)
+    total, count = torch.zeros((), device=runtime.device), 0
     for starts in batches:
-        x, y = stack_windows(splits_part, starts, block_size)
-        with runtime.autocast():
-            _, loss = model(x.to(runtime.device), y.to(runtime.device))
-        total += loss.float()
+        for i in range(0, len(starts), micro):
+            x, y = stack_windows(tokens, starts[i : i + micro], block_size)
+            with runtime.autocast():
+                _, loss = model(x.to(runtime.device), y.to(runtime.device))
+            total += loss.float() * len(x)
+            count += len(x)
     model.train()
-    return (total / len(batches)).item()
+    return (total / count).item()
 
 
 def check_resumable(ckpt: dict, resolved: dict, path: Path) -> None:
@@ -143,17 +147,17 @@ def train(
     argv: list[str],
     resume: tuple[Path, dict] | None = None,
     stop_at: int | None = None,
+    store: DecisionStore | None = None,
 ) -> dict:
     """Train to cfg.steps (or stop_at) and return the final summary. `resolved` is the resolved config
     written beside the run; it is stored in every checkpoint. `resume` is (path, checkpoint) of a checkpoint
-    already checked with `check_resumable`."""
+    already checked with `check_resumable`. `store` remembers the tuner's runtime decisions."""
     device = runtime.device
     heap_retained = torch.device(device).type == "cpu" and retain_cpu_heap()
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)  # initialised on CPU so weights are identical on every device
     model.to(device)
     optimizer = build_optimizer(model, cfg, device)
-    sampler = WindowSampler(splits.train, model_cfg.block_size, cfg.batch_size, cfg.seed)
     val_batches = fixed_batches(splits.val, model_cfg.block_size, cfg.batch_size, cfg.eval_iters)
     step, best_val = 0, math.inf
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
@@ -162,7 +166,6 @@ def train(
         resume_path, ckpt = resume
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.device(device).type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -180,6 +183,18 @@ def train(
     else:
         log.write("meta", step, **meta)
 
+    def tuner_event(decision: str, value, source: str, **details) -> None:
+        log.write("tuner", step, decision=decision, value=value, source=source, **details)
+        if decision != "tuning_time":
+            print(f"tuner: {decision} = {value} ({source})")
+
+    plan = tune_training(model, cfg, runtime, store, tuner_event)
+    fwd, micro_batch, grad_accum = plan.fwd, plan.micro_batch, plan.grad_accum
+    # the sampler draws micro-batches from one seeded stream: any split of the global batch sees the same windows
+    sampler = WindowSampler(splits.train, model_cfg.block_size, micro_batch, cfg.seed)
+    if resume is not None:
+        sampler.load_state_dict(ckpt["sampler"])
+
     def checkpoint(path: Path, with_optimizer: bool) -> None:
         state = {"model": model.state_dict(), "config": resolved, "step": step, "best_val_loss": best_val}
         if with_optimizer:
@@ -190,12 +205,11 @@ def train(
             state.update(optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), rng=rng)
         save_atomic(state, path)
 
-    fwd = torch.compile(model) if runtime.compile else model
     recent_losses: list[float] = []  # training losses since the last eval -> the eval's train_loss
 
     def run_eval() -> None:
         nonlocal best_val
-        val = evaluate(fwd, splits.val, val_batches, model_cfg.block_size, runtime)
+        val = evaluate(fwd, splits.val, val_batches, model_cfg.block_size, runtime, micro_batch)
         if not math.isfinite(val):
             log.write("error", step, message=f"non-finite validation loss {val}")
             raise TrainingError(f"validation loss is {val} at step {step}; stopped, {run.last} is the last good state")
@@ -225,18 +239,18 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum):
+        for _ in range(grad_accum):
             x, y = sampler.next_batch()
             with runtime.autocast():
                 _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / cfg.grad_accum).backward()
+            (loss / grad_accum).backward()
             loss_sum += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         interval_steps += 1
-        loss_val = loss_sum.item() / cfg.grad_accum
+        loss_val = loss_sum.item() / grad_accum
         if not math.isfinite(loss_val):
             log.write("error", step, message=f"non-finite training loss {loss_val}")
             bar.close()

@@ -1,0 +1,154 @@
+import json
+import math
+import re
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO, TINY, run_main
+from production.attention import cache_widths
+from production.config import resolve_model
+from production.decode_plan import plan_decode
+from production.kvcache import fill_random, parse_policy
+from production.model import GPT
+from production.policy_search import GuardLimits, candidate_policies, guard_metrics, search_policy
+from production.tuner import DecisionStore
+
+
+def test_guard_metrics_match_hand_computation():
+    ref = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    cand = torch.tensor([[1.5, 0.0, 0.0], [0.0, 1.0, 0.25]])
+    targets = torch.tensor([0, 1])
+    nll = lambda logits, t: -logits[t] + math.log(sum(math.exp(v) for v in logits))  # noqa: E731
+    d0 = nll([1.5, 0, 0], 0) - nll([2.0, 0, 0], 0)
+    d1 = nll([0, 1, 0.25], 1) - nll([0, 1, 0], 1)
+    m = guard_metrics(ref, cand, targets)
+    assert m["max_abs_logit"] == 0.5
+    assert math.isclose(m["delta_nll"], (d0 + d1) / 2, rel_tol=1e-6)
+    assert math.isclose(m["ppl_ratio"], math.exp((d0 + d1) / 2), rel_tol=1e-6)
+
+
+def test_candidates_are_sorted_by_bytes_and_start_below_fp16():
+    widths = {"k_sem": 48, "k_geo": 96, "v": 144}
+    cands = candidate_policies(widths, 12, 4096)
+    sizes = [b for b, _ in cands]
+    assert sizes == sorted(sizes) and str(cands[-1][1]) == "fp16"
+    assert len({str(p) for _, p in cands}) == len(cands)
+    assert any(str(p) == "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128" for _, p in cands)
+
+
+def sharp_keys_model() -> GPT:
+    """A nano model whose key projections are scaled up: 4-bit key rounding then moves logits a lot."""
+    torch.manual_seed(0)
+    model = GPT(resolve_model("nano", "paper_decoupled", {"n_layer": 2, "block_size": 128})).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q_sem.weight.mul_(12)
+            block.attn.k_geo.weight.mul_(12)
+            block.attn.q_geo.weight.mul_(12)
+    return model
+
+
+def test_search_rejects_a_failing_policy_and_chooses_a_passing_one():
+    import contextlib
+
+    model = sharp_keys_model()
+    tokens = torch.randint(0, 50257, (1, 120), generator=torch.Generator().manual_seed(0))
+    result = search_policy(model, tokens, 80, 128, GuardLimits(), None, 60, contextlib.nullcontext)
+    tried = {t["policy"]: t for t in result["tried"]}
+    all_q4 = "ksem=q4_0@32,kgeo=q4_0@32,v=q4_0@32,resid=0"
+    assert all_q4 in tried and not tried[all_q4]["passed"]  # judged, and rejected
+    assert tried[all_q4]["guard"]["max_abs_logit"] > 0.5
+    assert result["guard"]["max_abs_logit"] <= 0.5 and result["guard"]["delta_nll"] <= 0.02
+    assert result["policy"] != all_q4 and result["bytes"] < result["fp16_bytes"]
+    assert all(not t["passed"] for t in result["tried"][:-1]) and result["tried"][-1]["passed"]
+    assert result["candidates_tried"] == len(result["tried"])
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    store = tmp_path / "tuner.json"
+    script = ("import sys; from production.tuner import DecisionStore; s = DecisionStore(sys.argv[1]); "
+              "[s.put('train', 'dev', sys.argv[2], {'i': i}, {'v': i}) for i in range(40)]")  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(store), f"writer{w}"], cwd=REPO) for w in range(3)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    entries = DecisionStore(store).entries()
+    assert len(entries) == 120 and {e["config"] for e in entries.values()} == {"writer0", "writer1", "writer2"}
+
+
+def test_corrupt_store_is_set_aside_not_reused(tmp_path, capsys):
+    store = tmp_path / "tuner.json"
+    store.write_text("{ not json")
+    s = DecisionStore(store)
+    assert s.get("train", "d", "c", {}) is None
+    assert "corrupt" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if "corrupt" in p.name]
+    s.put("train", "d", "c", {}, {"x": 1})
+    assert s.get("train", "d", "c", {}) == {"x": 1}
+
+
+def test_decode_plan_is_measured_then_remembered(tmp_path):
+    model = GPT(resolve_model("nano", "paper_decoupled", {"n_layer": 1})).eval()
+    cache = model.new_cache(parse_policy("ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=16", list(cache_widths(model.cfg))),
+                            1, 3000)  # fmt: skip
+    fill_random(cache, 2500, torch.Generator().manual_seed(0))
+    store = DecisionStore(tmp_path / "t.json")
+    first = plan_decode(cache, 4, 4, "cpu", "cpu:test", store)
+    assert first["source"] == "measured" and first["bucket"] == 4096 and len(first["timings"]) == 7
+    assert first["impl"] in ("auto", "bmm", "blockdiag") and cache.layers[0].chunk_tokens == first["chunk_tokens"]
+    second = plan_decode(cache, 4, 4, "cpu", "cpu:test", store)
+    assert second["source"] == "store" and second["impl"] == first["impl"]
+    short = model.new_cache(cache.policy, 1, 100)
+    fill_random(short, 50, torch.Generator().manual_seed(0))
+    assert plan_decode(short, 4, 4, "cpu", "cpu:test", store)["source"] == "default"
+
+
+def test_sample_auto_searches_then_hits_the_store_and_show_lists_it(tmp_path, token_file):
+    out, store = tmp_path / "run", tmp_path / "tuner.json"
+    proc = run_main("--mode", "train", *TINY, "--data", token_file, "--out-dir", out, "--steps", "2", "--eval-iters",
+                    "1", "--tuner-store", store)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    args = ["--mode", "sample", "--ckpt", out / "best.pt", "--prompt-tokens", "5 6 7 8", "--max-new-tokens", "4",
+            "--json", "--tuner-store", store, "--device", "cpu"]  # fmt: skip
+    first = run_main(*args)
+    assert first.returncode == 0, first.stderr
+    a = json.loads(first.stdout)
+    assert a["tuner"]["source"] == "search" and a["kv_policy"] == a["tuner"]["policy"]
+    assert set(a["tuner"]["guard"]) == {"max_abs_logit", "delta_nll", "ppl_ratio"}
+    assert a["tuner"]["candidates_tried"] >= 1 and a["tuner"]["seconds"] > 0
+    assert a["tuner"]["calibration"]["source"].startswith("validation split of")  # the run's data is here
+    b = json.loads(run_main(*args).stdout)
+    assert b["tuner"]["source"] == "store" and b["tuner"]["policy"] == a["tuner"]["policy"]
+    strict = json.loads(run_main(*args, "--guard-max-logit", "0.0001").stdout)  # other limits: another decision
+    assert strict["tuner"]["source"] == "search"
+    show = subprocess.run([sys.executable, "-m", "production.tuner", "show", "--store", store], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert show.returncode == 0 and "policy" in show.stdout and "train" in show.stdout
+    clear = subprocess.run([sys.executable, "-m", "production.tuner", "clear", "--store", store], cwd=REPO,
+                           capture_output=True, text=True)  # fmt: skip
+    assert clear.returncode == 0 and re.search(r"cleared \d+ decision", clear.stdout)
+    assert DecisionStore(store).entries() == {}
+
+
+def test_training_logs_tuner_decisions_and_reuses_them(tmp_path, token_file):
+    store = tmp_path / "tuner.json"
+    events = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        proc = run_main("--mode", "train", *TINY, "--data", token_file, "--out-dir", out, "--steps", "1",
+                        "--eval-iters", "1", "--tuner-store", store)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+        events.append({e["decision"]: e for e in rows if e["type"] == "tuner"})
+    first, second = events
+    assert {"device", "precision", "micro_batch", "compile", "tuning_time"} <= set(first)
+    assert first["micro_batch"]["value"] == [4, 1] and first["compile"]["value"] is False
+    assert first["micro_batch"]["source"] == "rule" and second["micro_batch"]["source"] == "store"
+    assert second["compile"]["source"] == "store"
+
+
+def test_no_environment_variable_changes_behaviour():
+    code = "\n".join(p.read_text() for p in (REPO / "production").glob("*.py"))
+    code += "\n".join((REPO / f).read_text() for f in ("main.py", "prepare_fineweb.py", "run_paper_manifest.py",
+                                                        "generate_paper_figures.py"))  # fmt: skip
+    assert not re.search(r"os\.environ|getenv\(", code)
