@@ -25,14 +25,25 @@ def main(argv=None) -> int:
     p.add_argument("--post-mem128k", action="store_true", help="write mem128k.json for each finished run")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
     p.add_argument("--device", default="auto", help="device for training and the memory benchmark")
+    d = p.add_argument_group("distributed (each training runs under torchrun)")
+    d.add_argument("--nproc-per-node", type=int, help="processes (GPUs) per node")
+    d.add_argument("--dist", choices=["ddp", "fsdp"], help="strategy (default ddp)")
+    d.add_argument("--nnodes", type=int, help="torchrun --nnodes, for multi-node runs")
+    d.add_argument("--node-rank", type=int, help="torchrun --node_rank")
+    d.add_argument("--master-addr", help="torchrun --master_addr (the rank-0 node)")
+    d.add_argument("--master-port", type=int, help="torchrun --master_port")
     args = p.parse_args(argv)
     from production.harness import check_data, run_one, table
-    from production.manifest import load_manifest, plan_runs, select_runs
+    from production.manifest import load_manifest, plan_runs, select_runs, torchrun_launcher
 
     try:
         manifest, sha = load_manifest(args.manifest)
         group, runs = select_runs(manifest, args.group, args.only)
-        plans = plan_runs(manifest, group, runs, args.runs_dir, args.device)
+        launcher = torchrun_launcher(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr,
+                                     args.master_port)  # fmt: skip
+        if args.dist and not launcher:
+            raise UserError("--dist needs --nproc-per-node")
+        plans = plan_runs(manifest, group, runs, args.runs_dir, args.device, launcher, args.dist)
         print(f"{args.manifest} (sha256 {sha[:12]}), group {args.group}: {len(plans)} run(s), every `expected` holds")
         if args.dry_run:
             data = group.get("data")

@@ -23,7 +23,7 @@ class Parser(argparse.ArgumentParser):
 TRAIN_ONLY = ["size", "exp", "data", "out_dir", "n_layer", "d_model", "n_head", "d_ff", "block", "attn_dim",
               "sem_dim", "geo_dim", "kv_heads", "dropout", "null_attn", "tie_qk", "rope", "batch_size", "grad_accum",
               "warmup_steps", "steps", "eval_every", "eval_iters", "log_every", "lr", "min_lr", "weight_decay",
-              "grad_clip", "stop_at", "resume", "resume_path", "compile"]  # fmt: skip
+              "grad_clip", "stop_at", "resume", "resume_path", "compile", "dist"]  # fmt: skip
 SAMPLE_ONLY = ["ckpt", "prompt", "prompt_tokens", "max_new_tokens", "temperature", "top_k", "greedy", "kv_policy",
                "max_seq", "json", "guard_max_logit", "guard_nll", "guard_ppl", "max_cache_bytes",
                "tuner_max_candidates"]  # fmt: skip
@@ -64,7 +64,8 @@ def build_parser() -> Parser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
     g.add_argument("--resume-path", type=Path, help="continue from this checkpoint (implies --resume)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA)")  # fmt: skip
+                   help="torch.compile the model (default: measured by the tuner on CUDA, off elsewhere)")  # fmt: skip
+    g.add_argument("--dist", choices=["ddp", "fsdp"], help="under torchrun: DDP (default) or FSDP2 fully_shard")
 
     g = p.add_argument_group("sample")
     g.add_argument("--ckpt", type=Path, help="checkpoint to sample from, e.g. runs/<id>/best.pt")
@@ -98,6 +99,7 @@ def check_mode_options(args: argparse.Namespace, parser: Parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from production.distributed import launch_rank
     from production.trainer import TrainingError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -113,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_cmd.run(args, argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if launch_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if launch_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; a training run continues with --resume (from its last.pt)", file=sys.stderr)

@@ -150,6 +150,10 @@ class WindowSampler:
         starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).tolist()
         return stack_windows(self.tokens, starts, self.block_size)
 
+    def skip_batch(self) -> None:
+        """Advance the stream past one batch without reading it (another rank trains on it)."""
+        torch.randint(0, len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 

@@ -39,13 +39,14 @@ class RunPlan:
     data: str | None  # token file, None = the embedded corpus
     argv: list[str]  # main.py arguments (without --resume)
     resolved: dict  # resolved config without the data section
+    launcher: tuple[str, ...] = ()  # torchrun and its flags, or () for a plain process
 
     @property
     def id(self) -> str:
         return self.spec["id"]
 
     def command(self, extra: list[str] = ()) -> list[str]:
-        return [sys.executable, "main.py", *self.argv, *extra]
+        return [sys.executable, *self.launcher, "main.py", *self.argv, *extra]
 
     def command_text(self, extra: list[str] = ()) -> str:
         return shlex.join(self.command(extra))
@@ -120,7 +121,25 @@ def resolved_value(resolved: dict, field: str):
     raise KeyError(field)
 
 
-def plan_runs(manifest: dict, group: dict, runs: list[dict], runs_dir: Path, device: str) -> list[RunPlan]:
+def torchrun_launcher(nproc: int | None, nnodes: int | None, node_rank: int | None, master_addr: str | None,
+                      master_port: int | None) -> tuple[str, ...]:  # fmt: skip
+    """`-m torch.distributed.run --nproc_per_node N [multi-node flags]`, or () without --nproc-per-node."""
+    if nproc is None:
+        if any(v is not None for v in (nnodes, node_rank, master_addr, master_port)):
+            raise UserError("--nnodes/--node-rank/--master-addr/--master-port need --nproc-per-node")
+        return ()
+    if nproc < 1:
+        raise UserError(f"--nproc-per-node must be >= 1, got {nproc}")
+    flags = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    for name, value in (("nnodes", nnodes), ("node_rank", node_rank), ("master_addr", master_addr),
+                        ("master_port", master_port)):  # fmt: skip
+        if value is not None:
+            flags += [f"--{name}", str(value)]
+    return tuple(flags)
+
+
+def plan_runs(manifest: dict, group: dict, runs: list[dict], runs_dir: Path, device: str,
+              launcher: tuple[str, ...] = (), dist: str | None = None) -> list[RunPlan]:  # fmt: skip
     """Resolve every run as main.py would and check `expected`; all problems are reported together."""
     from production.cli import build_parser
     from production.train_cmd import resolve
@@ -137,7 +156,13 @@ def plan_runs(manifest: dict, group: dict, runs: list[dict], runs_dir: Path, dev
                     *override_flags(overrides, where)]  # fmt: skip
             if group.get("data"):
                 argv += ["--data", group["data"]]
-            resolved, _ = resolve(parser.parse_args(argv))
+            resolved, (_, train_cfg, _) = resolve(parser.parse_args(argv))
+            if launcher and dist:
+                argv += ["--dist", dist]
+            world = manifest_world_size(launcher)
+            if (train_cfg.batch_size * train_cfg.grad_accum) % world:
+                raise UserError(f"its global batch of {train_cfg.batch_size} x {train_cfg.grad_accum} windows does "
+                                f"not divide over {world} ranks per node")  # fmt: skip
         except UserError as e:
             problems.append(f"{where}: {e}")
             continue
@@ -152,7 +177,12 @@ def plan_runs(manifest: dict, group: dict, runs: list[dict], runs_dir: Path, dev
                 continue
             if got != want:
                 problems.append(f"{where}: expected {field} = {want!r}, but it resolves to {got!r}")
-        plans.append(RunPlan(group["name"], r, group.get("data"), argv, resolved))
+        plans.append(RunPlan(group["name"], r, group.get("data"), argv, resolved, launcher))
     if problems:
         raise UserError(f"{len(problems)} manifest problem(s): " + "; ".join(problems))
     return plans
+
+
+def manifest_world_size(launcher: tuple[str, ...]) -> int:
+    """Processes per node of a torchrun launcher (the check that needs the node count happens in main.py)."""
+    return int(launcher[launcher.index("--nproc_per_node") + 1]) if launcher else 1

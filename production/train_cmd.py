@@ -83,53 +83,69 @@ def write_json_atomic(obj: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Validate everything (on every rank of a torchrun job), then rank 0 writes and all ranks train."""
+    import dataclasses
+
     from production.checkpoint import load_checkpoint
+    from production.distributed import barrier, init_distributed, shutdown
     from production.trainer import RunDir, check_resumable, train
-
-    resolved, (model_cfg, train_cfg, runtime) = resolve(args)
-    splits = load_data(args, model_cfg.block_size, model_cfg.vocab_size)
-    resolved["data"] = splits.info
-    out_dir = args.out_dir or Path("runs") / f"{resolved['size']}_{resolved['exp']}_s{train_cfg.seed}"
-    run = RunDir(out_dir)
-    resume = None
-    if args.resume or args.resume_path:
-        path = args.resume_path or run.last
-        if not path.exists():
-            raise UserError(f"nothing to resume: {path} does not exist (start without --resume)")
-        ckpt = load_checkpoint(path)
-        check_resumable(ckpt, resolved, path)
-        if ckpt["step"] >= train_cfg.steps:
-            print(f"{path} is already at step {ckpt['step']} of {train_cfg.steps}: nothing to train")
-            return 0
-        resume = (path, ckpt)
-    elif run.has_run():
-        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, or --out-dir for a new one")
-    if args.stop_at is not None and args.stop_at < 1:
-        raise UserError(f"--stop-at must be a positive step, got {args.stop_at}")
-    if resume is not None and args.stop_at is not None and args.stop_at <= resume[1]["step"]:
-        raise UserError(f"--stop-at {args.stop_at} is not past the checkpoint's step {resume[1]['step']}")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved["out_dir"] = str(out_dir)
-    write_json_atomic(resolved, run.resolved_config)
-    m, d = resolved["model"], splits.info
-    print(
-        f"model: {m['attn_mode']} d_model={m['d_model']} n_layer={m['n_layer']} n_head={m['n_head']} "
-        f"attn_dim={m['attn_dim']} ({m['n_params'] / 1e6:.2f}M params)"
-    )
-    print(
-        f"data: {d['source']} [{d['format']}], {d['n_tokens']:,} tokens "
-        f"(train {d['train_tokens']:,} / val {d['val_tokens']:,})"
-    )
-    compile_text = "auto (measured)" if runtime.compile is None else runtime.compile
-    print(f"runtime: {runtime.device} {runtime.dtype} compile={compile_text}; run dir {out_dir}")
-    if train_cfg.steps == 0:
-        print(f"--steps 0: wrote {run.resolved_config}; nothing trained")
-        return 0
     from production.tuner import DecisionStore
 
-    summary = train(resolved, model_cfg, train_cfg, runtime, splits, run, argv, resume, args.stop_at,
-                    DecisionStore(args.tuner_store))  # fmt: skip
-    if summary["done"]:
-        print(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}; checkpoints in {out_dir}")
-    return 0
+    resolved, (model_cfg, train_cfg, runtime) = resolve(args)
+    ctx, device = init_distributed(args.dist, runtime.device)
+    try:
+        runtime = dataclasses.replace(runtime, device=device)
+        if ctx.active and (train_cfg.batch_size * train_cfg.grad_accum) % ctx.world_size:
+            raise UserError(
+                f"the global batch ({train_cfg.batch_size} x {train_cfg.grad_accum} windows) does not divide over "
+                f"{ctx.world_size} ranks; choose --batch-size/--grad-accum whose product is a multiple of "
+                f"{ctx.world_size}"
+            )
+        resolved["runtime"] = {**runtime.to_dict(), "world_size": ctx.world_size, "dist": ctx.strategy}
+        say = print if ctx.is_main else (lambda *a, **k: None)
+        splits = load_data(args, model_cfg.block_size, model_cfg.vocab_size)
+        resolved["data"] = splits.info
+        out_dir = args.out_dir or Path("runs") / f"{resolved['size']}_{resolved['exp']}_s{train_cfg.seed}"
+        run = RunDir(out_dir)
+        resume = None
+        if args.resume or args.resume_path:
+            path = args.resume_path or run.last
+            if not path.exists():
+                raise UserError(f"nothing to resume: {path} does not exist (start without --resume)")
+            ckpt = load_checkpoint(path)
+            check_resumable(ckpt, resolved, path)
+            if ckpt["step"] >= train_cfg.steps:
+                say(f"{path} is already at step {ckpt['step']} of {train_cfg.steps}: nothing to train")
+                return 0
+            resume = (path, ckpt)
+        elif run.has_run():
+            raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, or --out-dir for a new one")
+        if args.stop_at is not None and args.stop_at < 1:
+            raise UserError(f"--stop-at must be a positive step, got {args.stop_at}")
+        if resume is not None and args.stop_at is not None and args.stop_at <= resume[1]["step"]:
+            raise UserError(f"--stop-at {args.stop_at} is not past the checkpoint's step {resume[1]['step']}")
+        barrier(ctx)  # every rank has checked the run directory before rank 0 writes into it
+
+        resolved["out_dir"] = str(out_dir)
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(resolved, run.resolved_config)
+        m, d = resolved["model"], splits.info
+        say(f"model: {m['attn_mode']} d_model={m['d_model']} n_layer={m['n_layer']} n_head={m['n_head']} "
+            f"attn_dim={m['attn_dim']} ({m['n_params'] / 1e6:.2f}M params)")  # fmt: skip
+        say(f"data: {d['source']} [{d['format']}], {d['n_tokens']:,} tokens "
+            f"(train {d['train_tokens']:,} / val {d['val_tokens']:,})")  # fmt: skip
+        compile_text = "auto (measured)" if runtime.compile is None else runtime.compile
+        where = f"; {ctx.strategy} over {ctx.world_size} ranks" if ctx.active else ""
+        say(f"runtime: {runtime.device} {runtime.dtype} compile={compile_text}{where}; run dir {out_dir}")
+        if train_cfg.steps == 0:
+            say(f"--steps 0: wrote {run.resolved_config}; nothing trained")
+            return 0
+        barrier(ctx)
+        summary = train(resolved, model_cfg, train_cfg, runtime, splits, run, argv, resume, args.stop_at,
+                        DecisionStore(args.tuner_store), ctx)  # fmt: skip
+        if summary["done"]:
+            say(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}; checkpoints in {out_dir}")
+        return 0
+    finally:
+        shutdown(ctx)

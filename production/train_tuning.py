@@ -28,9 +28,8 @@ TRIAL_WARMUP, TRIAL_STEPS = 2, 3
 
 @dataclass
 class TrainingPlan:
-    fwd: object  # the module to call: the model or its compiled wrapper
     micro_batch: int
-    grad_accum: int
+    grad_accum: int  # micro-batches per optimizer step (micro_batch x grad_accum = the recipe's global batch)
     compile: bool
 
 
@@ -66,13 +65,32 @@ def _fitting_micro_batch(model: GPT, cfg: TrainConfig, block: int, runtime: Runt
             micro, accum = micro // 2, accum * 2
 
 
+def distributed_split(batch: int, accum: int, world: int) -> tuple[int, int]:
+    """The largest micro-batch <= the recipe's that cuts the global batch (batch x accum windows) into a number
+    of micro-batches every rank gets an equal share of."""
+    total = batch * accum
+    for micro in range(batch, 0, -1):
+        if total % micro == 0 and (total // micro) % world == 0:
+            return micro, total // micro
+    raise ValueError(f"a global batch of {total} windows does not split over {world} ranks")
+
+
 def tune_training(
-    model: GPT, cfg: TrainConfig, runtime: RuntimeConfig, store: DecisionStore | None, log
+    model: GPT, cfg: TrainConfig, runtime: RuntimeConfig, store: DecisionStore | None, log, world: int = 1
 ) -> TrainingPlan:
     """Decide micro-batch split and compile for this run; each decision is logged via
-    log(decision, value, source, **details) (source: rule, user, measured or store)."""
+    log(decision, value, source, **details) (source: rule, user, measured or store). Under torchrun (world > 1
+    or any launch) the ranks must agree, so nothing is measured: the split is the largest micro-batch that
+    gives every rank the same number of micro-batches, and compile is used only if --compile asks for it."""
     t0 = time.perf_counter()
     cuda = torch.device(runtime.device).type == "cuda"
+    if world > 1:
+        micro, accum = distributed_split(cfg.batch_size, cfg.grad_accum, world)
+        use_compile = bool(runtime.compile)
+        log("micro_batch", [micro, accum], "rule", reason=f"global batch split evenly over {world} ranks")
+        log("compile", use_compile, "user" if runtime.compile is not None else "rule",
+            reason="under torchrun compile is used only when asked for")  # fmt: skip
+        return TrainingPlan(micro, accum, use_compile)
     block = model.cfg.block_size
     log("device", runtime.device, "rule", reason="cuda > mps > cpu unless --device")
     log("precision", runtime.dtype, "rule", reason="bf16 autocast with fp32 master weights where supported")
@@ -81,7 +99,7 @@ def tune_training(
               "compile": runtime.compile}  # fmt: skip
     stored = store.get("train", sig, chash, shapes) if store else None
     if stored is not None:
-        plan = TrainingPlan(model, stored["micro_batch"], stored["grad_accum"], stored["compile"])
+        plan = TrainingPlan(stored["micro_batch"], stored["grad_accum"], stored["compile"])
         log("micro_batch", [plan.micro_batch, plan.grad_accum], "store", timings=stored.get("micro_timings"))
         log("compile", plan.compile, "store", timings=stored.get("compile_timings"))
     else:
@@ -92,28 +110,24 @@ def tune_training(
         else:
             micro, accum, micro_timings = cfg.batch_size, cfg.grad_accum, None
             log("micro_batch", [micro, accum], "rule", reason="the recipe's split (memory is probed on CUDA only)")
-        compile_timings, compiled_model = None, None
+        compile_timings = None
         if runtime.compile is not None:
             use_compile = runtime.compile
             log("compile", use_compile, "user" if cuda else "rule",
                 reason="fixed by --compile/--no-compile" if cuda else "off off CUDA")  # fmt: skip
         else:
             eager = _trial_ms(model, model, micro, block, runtime, TRIAL_STEPS)
-            compiled_model = torch.compile(model)
-            compiled = _trial_ms(compiled_model, model, micro, block, runtime, TRIAL_STEPS)
+            compiled = _trial_ms(torch.compile(model), model, micro, block, runtime, TRIAL_STEPS)
             use_compile = compiled <= (1 - COMPILE_MIN_GAIN) * eager
-            compiled_model = compiled_model if use_compile else None
             compile_timings = {"eager_ms": eager, "compiled_ms": compiled}
             log("compile", use_compile, "measured", timings=compile_timings)
         torch.set_rng_state(rng[0])
         if cuda:
             torch.cuda.set_rng_state_all(rng[1])
-        plan = TrainingPlan(compiled_model or model, micro, accum, use_compile)
+        plan = TrainingPlan(micro, accum, use_compile)
         if store:
             value = {"micro_batch": micro, "grad_accum": accum, "compile": use_compile,
                      "micro_timings": micro_timings, "compile_timings": compile_timings}  # fmt: skip
             store.put("train", sig, chash, shapes, value)
-    if plan.compile and plan.fwd is model:
-        plan.fwd = torch.compile(model)
     log("tuning_time", round(time.perf_counter() - t0, 3), "measured")
     return plan

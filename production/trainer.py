@@ -15,6 +15,16 @@ from tqdm import tqdm
 from production.checkpoint import save_atomic
 from production.config import ModelConfig, TrainConfig
 from production.data import TokenSplits, WindowSampler, fixed_batches, stack_windows
+from production.distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+    grad_sync,
+    load_optimizer_state,
+    wrap,
+)
 from production.errors import UserError
 from production.model import GPT
 from production.runtime import RuntimeConfig, environment, retain_cpu_heap, synchronize
@@ -54,16 +64,19 @@ class RunDir:
 
 
 class EventLog:
-    """Appends one JSON object per line: {"type", "step", "time", ...}."""
+    """Appends one JSON object per line: {"type", "step", "time", ...}. Without a path (ranks other than 0 of a
+    distributed run) it writes nothing."""
 
-    def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)  # noqa: SIM115 (closed by close(); lives for the whole run)
+    def __init__(self, path: Path | None):
+        self.file = None if path is None else open(path, "a", buffering=1)  # noqa: SIM115 (closed by close())
 
     def write(self, type: str, step: int, **fields) -> None:
-        self.file.write(json.dumps({"type": type, "step": step, "time": round(time.time(), 3), **fields}) + "\n")
+        if self.file is not None:
+            self.file.write(json.dumps({"type": type, "step": step, "time": round(time.time(), 3), **fields}) + "\n")
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -75,30 +88,36 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: GPT, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW; weight decay on 2-D weights only (not norms, biases or null tokens)."""
+def build_optimizer(model: GPT, cfg: TrainConfig, device: str, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW; weight decay on 2-D weights only (not norms, biases or null tokens). Fused (one pass over each
+    tensor) on CUDA and CPU unless the parameters are sharded."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and "null_" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = torch.device(device).type in ("cuda", "cpu")  # one pass over each tensor instead of ~8 foreach ops
+    fused = fused and torch.device(device).type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 @torch.no_grad()
-def evaluate(model, tokens, batches: list[list[int]], block_size: int, runtime: RuntimeConfig, micro: int) -> float:
-    """Mean loss over fixed windows, run `micro` windows at a time (the windows do not depend on it)."""
-    model.eval()
-    total, count = torch.zeros((), device=runtime.device), 0
-    for starts in batches:
+def evaluate(fwd, tokens, batches: list[list[int]], block_size: int, runtime: RuntimeConfig, micro: int,
+             ctx: DistContext, split: bool) -> float:  # fmt: skip
+    """Mean loss over the fixed windows, `micro` windows per forward (the windows do not depend on it). With
+    `split`, ranks take turns over the batches and the sums are reduced; otherwise every rank runs them all
+    (FSDP: every forward is a collective)."""
+    fwd.eval()
+    total = torch.zeros(2, device=runtime.device)  # loss sum, window count
+    mine = batches[ctx.rank :: ctx.world_size] if split else batches
+    for starts in mine:
         for i in range(0, len(starts), micro):
             x, y = stack_windows(tokens, starts[i : i + micro], block_size)
             with runtime.autocast():
-                _, loss = model(x.to(runtime.device), y.to(runtime.device))
-            total += loss.float() * len(x)
-            count += len(x)
-    model.train()
-    return (total / count).item()
+                _, loss = fwd(x.to(runtime.device), y.to(runtime.device))
+            total += torch.stack([loss.float() * len(x), torch.tensor(float(len(x)), device=runtime.device)])
+    fwd.train()
+    if split:
+        all_reduce_sum(total, ctx)
+    return (total[0] / total[1]).item()
 
 
 def check_resumable(ckpt: dict, resolved: dict, path: Path) -> None:
@@ -148,36 +167,36 @@ def train(
     resume: tuple[Path, dict] | None = None,
     stop_at: int | None = None,
     store: DecisionStore | None = None,
+    ctx: DistContext | None = None,
 ) -> dict:
     """Train to cfg.steps (or stop_at) and return the final summary. `resolved` is the resolved config
     written beside the run; it is stored in every checkpoint. `resume` is (path, checkpoint) of a checkpoint
-    already checked with `check_resumable`. `store` remembers the tuner's runtime decisions."""
+    already checked with `check_resumable`. `store` remembers the tuner's runtime decisions. Under torchrun
+    (`ctx`), every rank runs this; only rank 0 writes files and prints."""
+    ctx = ctx or DistContext()
     device = runtime.device
     heap_retained = torch.device(device).type == "cpu" and retain_cpu_heap()
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg)  # initialised on CPU so weights are identical on every device
-    model.to(device)
-    optimizer = build_optimizer(model, cfg, device)
-    val_batches = fixed_batches(splits.val, model_cfg.block_size, cfg.batch_size, cfg.eval_iters)
+    model = GPT(model_cfg)  # initialised on CPU so weights are identical on every device and rank
     step, best_val = 0, math.inf
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
-
     if resume is not None:
         resume_path, ckpt = resume
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.device(device).type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        truncate_log(run.log, step)
-    log = EventLog(run.log)
-    meta = dict(
-        argv=argv,
-        config=resolved,
-        n_params=model.num_params(),
-        env={**environment(device), "cpu_heap_retained": heap_retained},
-    )
+        if ctx.is_main:
+            truncate_log(run.log, step)
+    model.to(device)
+    val_batches = fixed_batches(splits.val, model_cfg.block_size, cfg.batch_size, cfg.eval_iters)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+
+    log = EventLog(run.log if ctx.is_main else None)
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    env = {**environment(device), "cpu_heap_retained": heap_retained, "world_size": ctx.world_size,
+           "dist": ctx.strategy}  # fmt: skip
+    meta = dict(argv=argv, config=resolved, n_params=model.num_params(), env=env)
     if resume is not None:
         log.write("resume_meta", step, resumed_from=str(resume_path), **meta)
     else:
@@ -186,30 +205,40 @@ def train(
     def tuner_event(decision: str, value, source: str, **details) -> None:
         log.write("tuner", step, decision=decision, value=value, source=source, **details)
         if decision != "tuning_time":
-            print(f"tuner: {decision} = {value} ({source})")
+            say(f"tuner: {decision} = {value} ({source})")
 
-    plan = tune_training(model, cfg, runtime, store, tuner_event)
-    fwd, micro_batch, grad_accum = plan.fwd, plan.micro_batch, plan.grad_accum
-    # the sampler draws micro-batches from one seeded stream: any split of the global batch sees the same windows
+    world = ctx.world_size if ctx.active else 1
+    plan = tune_training(model, cfg, runtime, store if ctx.is_main else None, tuner_event, world)
+    micro_batch, grad_accum = plan.micro_batch, plan.grad_accum  # grad_accum counts micro-batches of all ranks
+    wrapped = wrap(model, ctx, device)
+    fwd = torch.compile(wrapped) if plan.compile else wrapped
+    optimizer = build_optimizer(model, cfg, device, fused=ctx.strategy != "fsdp")
+    if resume is not None:
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+    # one seeded stream of micro-batches, the same on every rank; rank r trains on micro-batches r, r + W, ...
     sampler = WindowSampler(splits.train, model_cfg.block_size, micro_batch, cfg.seed)
     if resume is not None:
         sampler.load_state_dict(ckpt["sampler"])
+    local_accum = grad_accum // ctx.world_size
 
     def checkpoint(path: Path, with_optimizer: bool) -> None:
-        state = {"model": model.state_dict(), "config": resolved, "step": step, "best_val_loss": best_val}
+        """Every rank takes part (gathering sharded state is a collective); rank 0 writes."""
+        state = {"model": full_model_state(model), "config": resolved, "step": step, "best_val_loss": best_val}
         if with_optimizer:
-            rng = {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.device(device).type == "cuda" else None,
-            }
-            state.update(optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), rng=rng)
-        save_atomic(state, path)
+            rng = {"torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.device(device).type == "cuda" else None}  # fmt: skip
+            state.update(optimizer=full_optimizer_state(model, optimizer), sampler=sampler.state_dict(), rng=rng)
+        if ctx.is_main:
+            save_atomic(state, path)
+        barrier(ctx)
 
     recent_losses: list[float] = []  # training losses since the last eval -> the eval's train_loss
 
     def run_eval() -> None:
         nonlocal best_val
-        val = evaluate(fwd, splits.val, val_batches, model_cfg.block_size, runtime, micro_batch)
+        split = ctx.strategy != "fsdp"
+        val = evaluate(model if split else fwd, splits.val, val_batches, model_cfg.block_size, runtime,
+                       micro_batch, ctx, split)  # fmt: skip
         if not math.isfinite(val):
             log.write("error", step, message=f"non-finite validation loss {val}")
             raise TrainingError(f"validation loss is {val} at step {step}; stopped, {run.last} is the last good state")
@@ -218,39 +247,41 @@ def train(
         if val < best_val:
             best_val = val
             checkpoint(run.best, with_optimizer=False)
-        log.write(
-            "eval", step, train_loss=train_loss, val_loss=val, val_ppl=math.exp(min(val, 50.0)), best_val_loss=best_val
-        )
+        ppl = math.exp(min(val, 50.0))
+        log.write("eval", step, train_loss=train_loss, val_loss=val, val_ppl=ppl, best_val_loss=best_val)
         checkpoint(run.last, with_optimizer=True)
         shown = "-" if train_loss is None else f"{train_loss:.4f}"
-        tqdm.write(
-            f"step {step}/{cfg.steps} | val {val:.4f} (ppl {math.exp(min(val, 50.0)):.1f}) | "
-            f"train {shown} | best {best_val:.4f}"
-        )
+        if ctx.is_main:
+            tqdm.write(f"step {step}/{cfg.steps} | val {val:.4f} (ppl {ppl:.1f}) | train {shown} | best {best_val:.4f}")
 
     wall_start = time.perf_counter()
     if step == 0:
         run_eval()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=None if ctx.is_main else True,
+               dynamic_ncols=True)  # fmt: skip
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     interval_start, interval_steps = time.perf_counter(), 0
     while step < end:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
+        loss_sum, done_local = torch.zeros((), device=device), 0
+        for i in range(grad_accum):
+            if i % ctx.world_size != ctx.rank:
+                sampler.skip_batch()
+                continue
             x, y = sampler.next_batch()
-            with runtime.autocast():
+            done_local += 1
+            with grad_sync(wrapped, ctx, sync=done_local == local_accum), runtime.autocast():
                 _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / grad_accum).backward()
+                (loss / local_accum).backward()
             loss_sum += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         interval_steps += 1
-        loss_val = loss_sum.item() / grad_accum
+        loss_val = all_reduce_sum(loss_sum, ctx).item() / grad_accum
         if not math.isfinite(loss_val):
             log.write("error", step, message=f"non-finite training loss {loss_val}")
             bar.close()
@@ -263,22 +294,12 @@ def train(
         if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
             synchronize(device)
             dt = (time.perf_counter() - interval_start) / interval_steps
-            log.write(
-                "train",
-                step,
-                loss=loss_val,
-                lr=lr,
-                tok_s=tokens_per_step / dt,
-                ms_per_step=1000 * dt,
-                grad_norm=grad_norm.item(),
-                tokens_seen=step * tokens_per_step,
-            )
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP
+            log.write("train", step, loss=loss_val, lr=lr, tok_s=tokens_per_step / dt, ms_per_step=1000 * dt,
+                      grad_norm=norm.item(), tokens_seen=step * tokens_per_step)  # fmt: skip
             if bar.disable:
-                print(
-                    f"step {step}/{cfg.steps} | loss {loss_val:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms/step "
-                    f"| {tokens_per_step / dt:,.0f} tok/s",
-                    flush=True,
-                )
+                say(f"step {step}/{cfg.steps} | loss {loss_val:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms/step "
+                    f"| {tokens_per_step / dt:,.0f} tok/s", flush=True)  # fmt: skip
             interval_start, interval_steps = time.perf_counter(), 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
             run_eval()
@@ -289,7 +310,7 @@ def train(
         if step % cfg.eval_every != 0:
             checkpoint(run.last, with_optimizer=True)
         log.close()
-        print(f"stopped at step {step}/{cfg.steps}; continue with --resume ({run.last})")
+        say(f"stopped at step {step}/{cfg.steps}; continue with --resume ({run.last})")
         return {"step": step, "best_val_loss": best_val, "done": False}
     log.write("done", step, best_val_loss=best_val, wall_s=wall)
     log.close()
