@@ -1,7 +1,7 @@
 # Short helpers; every target also works as the plain command shown in README.md.
 PYTHON ?= python
 
-.PHONY: install demo test lint bench paper
+.PHONY: install demo test lint bench bench-gpu paper
 
 install:  ## torch 2.13.0 only when no torch is installed (keeps your CUDA/MPS build), then the rest
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
@@ -20,6 +20,16 @@ lint:
 
 bench:  ## decoupled / bottleneck / gqa step time vs standard at small dims, CPU fp32
 	$(PYTHON) -m production.bench_train --size small --block 256 --batch-size 1 --steps 10 --device cpu --dtype fp32
+
+bench-gpu:  ## the GPU checks, in one go (CUDA tests, bf16 step benchmark, decode, 128k memory, torchrun ddp/fsdp)
+	$(PYTHON) -m pytest -q -m cuda
+	$(PYTHON) -m production.bench_train --size small --block 1024 --steps 10 --dtype bf16
+	$(PYTHON) -m production.bench_train --size small --block 1024 --steps 10 --dtype bf16 --compile
+	$(PYTHON) -m production.bench_decode --size small --exp paper_baseline,paper_decoupled --context 4096,16384,65536 \
+	    --policies "fp16;ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
+	$(PYTHON) production/bench_end_to_end_memory.py --size small --exp paper_decoupled --decompose --decode-step --out runs/mem128k_small_gpu.json
+	for d in ddp fsdp; do for s in small 1b; do torchrun --nproc_per_node 1 main.py --mode train --size $$s \
+	    --exp paper_decoupled --steps 5 --eval-every 5 --eval-iters 1 --dist $$d --out-dir runs/gpu_$${s}_$$d; done; done
 
 paper:  ## paper.pdf from paper.tex and the generated assets (python generate_paper_figures.py first)
 	@test -f assets/table_main.tex || { echo "assets/ is empty: run python generate_paper_figures.py first"; exit 2; }

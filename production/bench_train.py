@@ -23,7 +23,7 @@ from production.cli import Parser
 from production.config import SIZES, resolve_model, resolve_train
 from production.errors import UserError
 from production.model import GPT
-from production.runtime import environment, resolve_runtime, retain_cpu_heap, synchronize
+from production.runtime import environment, peak_flops, resolve_runtime, retain_cpu_heap, synchronize
 from production.train_cmd import MODEL_FLAGS
 from production.trainer import build_optimizer
 
@@ -33,15 +33,6 @@ MODE_EXPS = {
     "decoupled": "paper_decoupled",
     "gqa": "paper_gqa",
 }
-# dense bf16 peak FLOP/s of common accelerators, by a substring of torch.cuda.get_device_name()
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
-
-
-def peak_flops(device: str, dtype: str) -> float | None:
-    if torch.device(device).type != "cuda" or dtype != "bf16":
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def time_mode(mode: str, args, runtime) -> dict:

@@ -103,6 +103,18 @@ def environment(device: str) -> dict:
     }
 
 
+# dense bf16 peak FLOP/s of common accelerators, by a substring of torch.cuda.get_device_name()
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+
+
+def peak_flops(device: str, dtype: str) -> float | None:
+    """The device's dense bf16 peak, for MFU; None where unknown (CPU, fp32, other GPUs)."""
+    if torch.device(device).type != "cuda" or dtype != "bf16":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
 def retain_cpu_heap() -> bool:
     """Keep freed memory in the process heap (glibc only). A training step allocates and frees hundreds of MB
     of logits and gradients; by default glibc maps each such block fresh from the OS and returns it on free,

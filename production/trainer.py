@@ -27,7 +27,7 @@ from production.distributed import (
 )
 from production.errors import UserError
 from production.model import GPT
-from production.runtime import RuntimeConfig, environment, retain_cpu_heap, synchronize
+from production.runtime import RuntimeConfig, environment, peak_flops, retain_cpu_heap, synchronize
 from production.train_tuning import tune_training
 from production.tuner import DecisionStore
 
@@ -236,9 +236,9 @@ def train(
 
     def run_eval() -> None:
         nonlocal best_val
-        split = ctx.strategy != "fsdp"
-        val = evaluate(model if split else fwd, splits.val, val_batches, model_cfg.block_size, runtime,
-                       micro_batch, ctx, split)  # fmt: skip
+        split = ctx.strategy != "fsdp"  # FSDP forwards are collectives: every rank runs every batch
+        eval_fwd = model if ctx.strategy == "ddp" else fwd  # DDP's inner model: no gradient hooks needed
+        val = evaluate(eval_fwd, splits.val, val_batches, model_cfg.block_size, runtime, micro_batch, ctx, split)
         if not math.isfinite(val):
             log.write("error", step, message=f"non-finite validation loss {val}")
             raise TrainingError(f"validation loss is {val} at step {step}; stopped, {run.last} is the last good state")
@@ -254,6 +254,7 @@ def train(
         if ctx.is_main:
             tqdm.write(f"step {step}/{cfg.steps} | val {val:.4f} (ppl {ppl:.1f}) | train {shown} | best {best_val:.4f}")
 
+    peak = peak_flops(device, runtime.dtype)
     wall_start = time.perf_counter()
     if step == 0:
         run_eval()
@@ -295,8 +296,14 @@ def train(
             synchronize(device)
             dt = (time.perf_counter() - interval_start) / interval_steps
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP
+            extra = {}
+            if peak is not None:  # CUDA: model FLOPs utilisation over all ranks, and this rank's peak memory
+                extra["mfu"] = (
+                    model.flops_per_token(model_cfg.block_size) * tokens_per_step / dt / (peak * ctx.world_size)
+                )
+                extra["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
             log.write("train", step, loss=loss_val, lr=lr, tok_s=tokens_per_step / dt, ms_per_step=1000 * dt,
-                      grad_norm=norm.item(), tokens_seen=step * tokens_per_step)  # fmt: skip
+                      grad_norm=norm.item(), tokens_seen=step * tokens_per_step, **extra)  # fmt: skip
             if bar.disable:
                 say(f"step {step}/{cfg.steps} | loss {loss_val:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms/step "
                     f"| {tokens_per_step / dt:,.0f} tok/s", flush=True)  # fmt: skip
