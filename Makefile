@@ -19,12 +19,12 @@ lint:
 	$(PYTHON) -m ruff format --check .
 
 bench:  ## decoupled / bottleneck / gqa step time vs standard at small dims, CPU fp32
-	$(PYTHON) -m production.bench_train --size small --block 256 --batch-size 1 --steps 10 --device cpu --dtype fp32
+	$(PYTHON) -m production.bench_train --size small --block 256 --batch-size 1 --steps 4 --rounds 3 --device cpu --dtype fp32
 
 bench-gpu:  ## the GPU checks, in one go (CUDA tests, bf16 step benchmark, decode, 128k memory, torchrun ddp/fsdp)
 	$(PYTHON) -m pytest -q -m cuda
-	$(PYTHON) -m production.bench_train --size small --block 1024 --steps 10 --dtype bf16
-	$(PYTHON) -m production.bench_train --size small --block 1024 --steps 10 --dtype bf16 --compile
+	$(PYTHON) -m production.bench_train --size small --block 1024 --steps 5 --dtype bf16
+	$(PYTHON) -m production.bench_train --size small --block 1024 --steps 5 --dtype bf16 --compile
 	$(PYTHON) -m production.bench_decode --size small --exp paper_baseline,paper_decoupled --context 4096,16384,65536 \
 	    --policies "fp16;ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
 	$(PYTHON) production/bench_end_to_end_memory.py --size small --exp paper_decoupled --decompose --decode-step --out runs/mem128k_small_gpu.json

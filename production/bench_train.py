@@ -3,15 +3,15 @@
     python -m production.bench_train --size small --block 256 --batch-size 1 --steps 10 [--json]
 
 Each mode gets the size preset with its paper experiment (standard = paper_baseline, ...), random token
-batches (timing does not depend on the data), `--warmup` untimed steps, then `--steps` timed steps with the
-device synced before the clock is read. Prints ms/step, tokens/s, MFU where the peak is known, and each
+batches (timing does not depend on the data) and `--warmup` untimed steps; then the modes are timed
+round-robin, `--rounds` rounds of `--steps` steps, with the device synced around each step. All modes are alive
+at once (pass fewer `--modes` if memory is short). Prints ms/step, tokens/s, MFU where the peak is known, and each
 mode's step-time ratio to standard.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -35,48 +35,57 @@ MODE_EXPS = {
 }
 
 
-def time_mode(mode: str, args, runtime) -> dict:
-    overrides = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if hasattr(args, flag)}
-    model_cfg = resolve_model(args.size, MODE_EXPS[mode], overrides)
-    train_cfg = resolve_train(args.size, MODE_EXPS[mode], {"batch_size": args.batch_size, "steps": args.steps})
-    torch.manual_seed(0)
-    model = GPT(model_cfg).to(runtime.device)
-    optimizer = build_optimizer(model, train_cfg, runtime.device)
-    fwd = torch.compile(model) if runtime.compile else model
-    B, T = train_cfg.batch_size, model_cfg.block_size
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, model_cfg.vocab_size, (B, T + 1), generator=gen) for _ in range(4)]
+class ModeBench:
+    """One attention mode's model, optimizer and fixed random batches, ready to time training steps."""
 
-    def step(i: int) -> None:
-        xy = batches[i % len(batches)].to(runtime.device)
-        with runtime.autocast():
-            _, loss = fwd(xy[:, :-1], xy[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, mode: str, args, runtime):
+        overrides = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if hasattr(args, flag)}
+        self.cfg = resolve_model(args.size, MODE_EXPS[mode], overrides)
+        train_cfg = resolve_train(args.size, MODE_EXPS[mode], {"batch_size": args.batch_size, "steps": args.steps})
+        torch.manual_seed(0)
+        self.runtime = runtime
+        self.model = GPT(self.cfg).to(runtime.device)
+        self.optimizer = build_optimizer(self.model, train_cfg, runtime.device)
+        self.fwd = torch.compile(self.model) if runtime.compile else self.model
+        self.B, self.T = train_cfg.batch_size, self.cfg.block_size
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [torch.randint(0, self.cfg.vocab_size, (self.B, self.T + 1), generator=gen) for _ in range(4)]
+        self.times: list[float] = []
 
-    for i in range(args.warmup):
-        step(i)
-    times = []
-    for i in range(args.steps):
-        synchronize(runtime.device)
+    def step(self, i: int) -> float:
+        """Seconds for one forward + backward + clip + AdamW step, device synced around it."""
+        xy = self.batches[i % len(self.batches)].to(self.runtime.device)
+        synchronize(self.runtime.device)
         t0 = time.perf_counter()
-        step(i)
-        synchronize(runtime.device)
-        times.append(time.perf_counter() - t0)
-    ms = 1000 * statistics.median(times)
-    tok_s = B * T / (ms / 1000)
-    peak = peak_flops(runtime.device, runtime.dtype)
-    result = {
-        "ms_per_step": ms,
-        "ms_mean": 1000 * statistics.fmean(times),
-        "tok_s": tok_s,
-        "n_params": model.num_params(),
-        "attn_dim": model_cfg.attn_dim,
-        "mfu": None if peak is None else model.flops_per_token(T) * tok_s / peak,
-    }
-    return result
+        with self.runtime.autocast():
+            _, loss = self.fwd(xy[:, :-1], xy[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.runtime.device)
+        return time.perf_counter() - t0
+
+    def result(self) -> dict:
+        ms = 1000 * statistics.median(self.times)
+        tok_s = self.B * self.T / (ms / 1000)
+        peak = peak_flops(self.runtime.device, self.runtime.dtype)
+        return {"ms_per_step": ms, "ms_mean": 1000 * statistics.fmean(self.times), "tok_s": tok_s,
+                "n_params": self.model.num_params(), "attn_dim": self.cfg.attn_dim,
+                "mfu": None if peak is None else self.model.flops_per_token(self.T) * tok_s / peak}  # fmt: skip
+
+
+def time_modes(modes: list[str], args, runtime) -> dict:
+    """Warm every mode up, then time them round-robin (`--rounds` rounds of `--steps` steps), so drift in the
+    machine's speed lands on every mode alike; each reports its median step."""
+    benches = {m: ModeBench(m, args, runtime) for m in modes}
+    for b in benches.values():
+        for i in range(args.warmup):
+            b.step(i)
+    for _ in range(args.rounds):
+        for b in benches.values():
+            b.times += [b.step(i) for i in range(args.steps)]
+    return {m: b.result() for m, b in benches.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("n_layer", "d_model", "n_head", "d_ff", "block"):
         p.add_argument(f"--{flag.replace('_', '-')}", type=int)
     p.add_argument("--batch-size", type=int, help="micro-batch (default: the preset's)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per mode and round")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the modes")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
     p.add_argument("--modes", default=",".join(MODE_EXPS), help="comma-separated attention modes")
     p.add_argument("--device", default="auto")
@@ -102,15 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in modes if m not in MODE_EXPS]
         if unknown or not modes:
             raise UserError(f"unknown mode(s) {unknown}; valid: {', '.join(MODE_EXPS)}")
-        if args.steps < 1 or args.warmup < 0:
-            raise UserError("--steps must be >= 1 and --warmup >= 0")
+        if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+            raise UserError("--steps and --rounds must be >= 1, --warmup >= 0")
         runtime = resolve_runtime(args.device, args.dtype, args.compile)
         if torch.device(runtime.device).type == "cpu":
             retain_cpu_heap()
-        results = {}
-        for m in modes:  # one model alive at a time; collect the previous one before building the next
-            results[m] = time_mode(m, args, runtime)
-            gc.collect()
+        results = time_modes(modes, args, runtime)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": runtime.dtype,
             "compile": runtime.compile,
             "steps": args.steps,
+            "rounds": args.rounds,
             "warmup": args.warmup,
         },
     }
@@ -143,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.size}: d_model={c['d_model']} n_layer={c['n_layer']} block={c['block_size']} "
         f"batch={c['batch_size']} on {report['device']['device_name']} ({runtime.device}, {runtime.dtype}, "
-        f"compile={runtime.compile}), median of {args.steps} steps after {args.warmup} warm-up"
+        f"compile={runtime.compile}), median of {args.rounds} x {args.steps} steps (modes interleaved) after "
+        f"{args.warmup} warm-up"
     )
     print(f"{'mode':<11}{'params':>10}{'ms/step':>10}{'tok/s':>11}{'vs std':>8}{'MFU':>7}")
     for m, r in results.items():

@@ -74,6 +74,8 @@ def init_distributed(requested: str | None, device: str) -> tuple[DistContext, s
 
 def wrap(model: torch.nn.Module, ctx: DistContext, device: str) -> torch.nn.Module:
     """DDP around the model, or FSDP2 `fully_shard` per block then the root (bf16 params on CUDA)."""
+    if ctx.active:
+        model.wte.sparse = False  # the wrappers reduce dense gradients (same values, one dense buffer more)
     if ctx.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -47,7 +47,9 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # sparse lookup gradient: it is added into the head's dense gradient of the same (tied) weight, which
+        # skips zero-filling and adding a second vocab x d_model buffer every step (~8% of a CPU step at small)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, sparse=True)
         self.rotary = Rotary(cfg.rope_dim, cfg.rope_base, cfg.block_size) if cfg.rope else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
