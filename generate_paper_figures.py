@@ -6,18 +6,12 @@ macros paper.tex uses. See README.md and `--help`.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
+from production.atomic import write_text
 from production.cli import Parser
 from production.errors import UserError
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

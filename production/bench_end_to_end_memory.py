@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ if __package__ in (None, ""):  # run as a script (python production/bench_end_to
 
 import torch
 
+from production.atomic import write_json
 from production.attention import cache_widths
 from production.cli import Parser
 from production.config import EXPERIMENTS, SIZES, ModelConfig, resolve_model
@@ -175,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = default_out(args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, report)
     print(summary_line(report))
     print(f"wrote {out}")
     return 0

@@ -4,7 +4,6 @@ optional memory benchmark, and the final status table."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from production.atomic import write_json
 from production.errors import UserError
 from production.manifest import RunPlan
 from production.runtime import REPO_ROOT, environment, resolve_runtime
@@ -43,12 +43,6 @@ def run_state(run_dir: Path) -> str:
     return "fresh"
 
 
-def write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def write_provenance(plan: RunPlan, run_dir: Path, command: str, manifest_path: Path, manifest_sha: str,
                      device: str) -> dict:  # fmt: skip
     """command.txt, resolved_config.json and resolved_run.json, before anything trains."""
@@ -61,7 +55,7 @@ def write_provenance(plan: RunPlan, run_dir: Path, command: str, manifest_path: 
     resolved["out_dir"] = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "command.txt").write_text(command + "\n")
-    write_json(resolved, run_dir / "resolved_config.json")
+    write_json(run_dir / "resolved_config.json", resolved)
     env = environment(resolve_runtime(device).device)
     record = {
         "id": plan.id,
@@ -78,7 +72,7 @@ def write_provenance(plan: RunPlan, run_dir: Path, command: str, manifest_path: 
         "command": command,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(record, run_dir / "resolved_run.json")
+    write_json(run_dir / "resolved_run.json", record)
     return record
 
 
@@ -138,7 +132,7 @@ def run_one(plan: RunPlan, runs_dir: Path, manifest_path: Path, manifest_sha: st
         record = json.loads(provenance.read_text())
         record.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), status=result.status,
                       reason=result.reason or None)  # fmt: skip
-        write_json(record, provenance)
+        write_json(provenance, record)
     result.wall_s = time.time() - t0
     return result
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from production.atomic import write_json
 from production.errors import UserError
 from production.tokenfile import LLMC_HEADER_INTS, llmc_header
 
@@ -283,9 +284,7 @@ def prepare(a: PrepareArgs) -> dict:
         "tokens_per_s": round(n / elapsed, 1) if elapsed > 0 else None,
         "workers": a.workers,
     }
-    side_tmp = sidecar_path(tmp)
-    side_tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(side_tmp, sidecar_path(a.output))
+    write_json(sidecar_path(a.output), record)
     print(
         f"wrote {n:,} tokens ({docs:,} documents) to {a.output} in {elapsed:.1f}s ({n / max(elapsed, 1e-9):,.0f} tok/s)"
     )

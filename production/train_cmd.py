@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
+from production.atomic import write_json
 from production.config import resolve_model, resolve_train
 from production.errors import UserError
 from production.runtime import resolve_runtime
@@ -76,12 +75,6 @@ def load_data(args: argparse.Namespace, block_size: int, vocab_size: int):
     return split_tokens(stream, source, fmt, block_size, vocab_size)
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Validate everything (on every rank of a torchrun job), then rank 0 writes and all ranks train."""
     import dataclasses
@@ -129,7 +122,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         resolved["out_dir"] = str(out_dir)
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(resolved, run.resolved_config)
+            write_json(run.resolved_config, resolved)
         m, d = resolved["model"], splits.info
         say(f"model: {m['attn_mode']} d_model={m['d_model']} n_layer={m['n_layer']} n_head={m['n_head']} "
             f"attn_dim={m['attn_dim']} ({m['n_params'] / 1e6:.2f}M params)")  # fmt: skip

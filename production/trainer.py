@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from production.atomic import write_text
 from production.checkpoint import save_atomic
 from production.config import ModelConfig, TrainConfig
 from production.data import TokenSplits, WindowSampler, fixed_batches, stack_windows
@@ -151,9 +152,7 @@ def truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
-    tmp.replace(path)
+    write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def train(

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from production.atomic import write_json
+
 DEFAULT_STORE = Path("runs/tuner.json")
 STORE_VERSION = 1
 
@@ -95,9 +97,7 @@ class DecisionStore:
             entries[self.key(kind, device, config, shapes)] = {
                 "kind": kind, "device": device, "config": config, "shapes": shapes, "value": value, "updated": now,
             }  # fmt: skip
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": STORE_VERSION, "entries": entries}, indent=2) + "\n")
-            os.replace(tmp, self.path)
+            write_json(self.path, {"version": STORE_VERSION, "entries": entries})
 
     def clear(self) -> int:
         with self._locked():
