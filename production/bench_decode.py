@@ -27,11 +27,10 @@ from production.cached_attention import IMPLS
 from production.cli import Parser
 from production.config import EXPERIMENTS, SIZES, resolve_model
 from production.errors import UserError
-from production.kvcache import DEFAULT_CHUNK_TOKENS, estimate_bytes, fill_random, parse_policy
+from production.kvcache import DEFAULT_CHUNK_TOKENS, PAPER_POLICY, estimate_bytes, fill_random, parse_policy
 from production.model import GPT
 from production.runtime import environment, resolve_runtime, retain_cpu_heap, synchronize
 
-PAPER_POLICY = "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
 DEFAULT_QUANT = {"decoupled": PAPER_POLICY}
 
 

@@ -27,13 +27,12 @@ from production.attention import cache_widths
 from production.cli import Parser
 from production.config import EXPERIMENTS, SIZES, ModelConfig, resolve_model
 from production.errors import UserError
-from production.kvcache import parse_policy
+from production.kvcache import PAPER_POLICY, parse_policy
 from production.memory import measure_cache, standard_counterpart, time_decode_step
 from production.model import GPT
 from production.runtime import device_name, resolve_runtime
 
 SCHEMA = "dba.mem128k/1"
-PAPER_POLICY = "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
 
 
 def config_from_ckpt(path: Path) -> tuple[ModelConfig, dict]:

@@ -12,6 +12,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from production.kvcache import PAPER_POLICY  # noqa: E402
 from production.results import CORE_EXPS  # noqa: E402
 
 DPI = 150
@@ -23,7 +24,6 @@ NAMES = {"paper_baseline": "Standard", "paper_bottleneck": "Bottleneck", "paper_
          "paper_baseline_lr2e4": "Standard, lr 2e-4", "paper_baseline_lr3e4": "Standard, lr 3e-4",
          "paper_baseline_lr4e4": "Standard, lr 4e-4"}  # fmt: skip
 COLORS = {"standard": "#4c72b0", "bottleneck": "#dd8452", "decoupled": "#55a868", "gqa": "#c44e52"}
-PAPER_POLICY = "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
 
 
 def common_steps(aggs: list[dict]) -> int:

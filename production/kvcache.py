@@ -23,6 +23,8 @@ import torch
 from production.errors import UserError
 from production.quant import QUANT_KINDS, block_bytes, code_bytes, decode, encode
 
+# The paper's heterogeneous policy: 4-bit semantic keys and values, 8-bit geometric (RoPE) keys, exact window.
+PAPER_POLICY = "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
 # Tokens per attention chunk during decode. Big chunks mean few, large ops (8k-16k were fastest at 16k context
 # on a 2-core CPU); the tuner's decode plan may choose per device and context.
 DEFAULT_CHUNK_TOKENS = 8192

@@ -18,18 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from production.errors import UserError
+from production.train_cmd import MODEL_FLAGS, TRAIN_FLAGS
 
 MANIFEST_VERSION = 2
 RUN_KEYS = {"id", "exp", "size", "seed", "steps", "overrides", "expected"}
 RUN_REQUIRED = ("id", "exp", "size", "seed", "steps", "expected")
 GROUP_KEYS = {"name", "description", "paper", "table", "data", "overrides", "runs"}
-# config field -> main.py flag, for overrides
-FLAG_FOR = {"block_size": "block"}
-MODEL_FIELDS = ("n_layer", "d_model", "n_head", "d_ff", "block_size", "attn_dim", "sem_dim", "geo_dim", "kv_heads",
-                "null_attn", "tie_qk", "rope", "dropout")  # fmt: skip
-TRAIN_FIELDS = ("batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "eval_every", "eval_iters", "log_every",
-                "weight_decay", "grad_clip")  # fmt: skip
-OVERRIDE_FIELDS = MODEL_FIELDS + TRAIN_FIELDS
+# overrides: the config fields main.py has a flag for (steps and seed are run fields), and each field's flag
+FLAG_FOR = {field: flag for flag, field in MODEL_FLAGS.items()} | {f: f for f in TRAIN_FLAGS}
+OVERRIDE_FIELDS = tuple(f for f in FLAG_FOR if f not in ("steps", "seed"))
 
 
 @dataclass
@@ -105,7 +102,7 @@ def override_flags(overrides: dict, where: str) -> list[str]:
     for key, value in overrides.items():
         if key not in OVERRIDE_FIELDS:
             raise UserError(f"{where}: unknown override {key!r}; valid: {', '.join(OVERRIDE_FIELDS)}")
-        flag = "--" + FLAG_FOR.get(key, key).replace("_", "-")
+        flag = "--" + FLAG_FOR[key].replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else flag.replace("--", "--no-", 1))
         else:

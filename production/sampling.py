@@ -3,6 +3,7 @@ recomputation of the whole sequence at every step, the reference the cache is ch
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -55,8 +56,6 @@ def generate(
     """prompt (B, T) ids -> {"ids": (B, max_new_tokens), "cache_bytes", "prefill_ms", "ms_per_token",
     "decode_plan"}. policy None means no cache: every step recomputes the full sequence. on_prefill(cache), if
     given, runs once the prompt is in the cache (the decode planner); its result is returned as "decode_plan"."""
-    import contextlib
-
     autocast = autocast or contextlib.nullcontext
     model.eval()
     device = model.wte.weight.device
