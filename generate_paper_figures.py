@@ -9,44 +9,50 @@ import json
 import sys
 from pathlib import Path
 
-from production.atomic import write_text
-from production.cli import Parser
-from production.errors import UserError
+from production.core.atomic import write_text
+from production.core.entry import Parser, command
+from production.core.errors import UserError
+from production.paper.figures import plot_convergence, plot_pareto
+from production.paper.manifest import load_manifest
+from production.paper.results import collect
+from production.paper.tables import number_macros, table
+
+MAIN_CAPTION = (
+    "Attention variants: parameters, attention widths, best validation loss (mean $\\pm$ std over seeds, n), KV "
+    "cache at 128k tokens and its compression against the standard fp16 cache."
+)
 
 
-def main(argv=None) -> int:
-    p = Parser(prog="generate_paper_figures.py", description="Tables, figures and numbers of the paper, from the "
-               "runs the manifest names.")  # fmt: skip
+def build_parser() -> Parser:
+    p = Parser(
+        prog="generate_paper_figures.py",
+        description="Tables, figures and numbers of the paper, from the runs the manifest names.",
+    )
     p.add_argument("--manifest", type=Path, default=Path("paper_manifest.json"))
     p.add_argument("--group", nargs="+", help="groups to report (default: those marked paper in the manifest)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--out", type=Path, default=Path("assets"))
     p.add_argument("--partial", action="store_true", help="render what exists; mark missing runs and cells")
-    args = p.parse_args(argv)
-    from production.figures import number_macros, plot_convergence, plot_pareto, table
-    from production.manifest import load_manifest
-    from production.results import collect
+    return p
 
-    try:
-        manifest, sha = load_manifest(args.manifest)
-        names = [g["name"] for g in manifest["groups"]]
-        wanted = args.group or [g["name"] for g in manifest["groups"] if g.get("paper")]
-        unknown = [g for g in wanted if g not in names]
-        if unknown:
-            raise UserError(f"no group {unknown[0]!r} in {args.manifest}; groups: {', '.join(names)}")
-        groups = [manifest["groups"][names.index(g)] for g in wanted]
-        results = collect(manifest, groups, args.runs_dir, args.partial)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+@command()
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    manifest, sha = load_manifest(args.manifest)
+    names = [g["name"] for g in manifest["groups"]]
+    wanted = args.group or [g["name"] for g in manifest["groups"] if g.get("paper")]
+    unknown = [g for g in wanted if g not in names]
+    if unknown:
+        raise UserError(f"no group {unknown[0]!r} in {args.manifest}; groups: {', '.join(names)}")
+    groups = [manifest["groups"][names.index(g)] for g in wanted]
+    results = collect(manifest, groups, args.runs_dir, args.partial)
     results["manifest"] = {"path": str(args.manifest), "sha256": sha}
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "paper_results.json", json.dumps(results, indent=2) + "\n")
     plot_convergence(results, args.out / "fig_convergence.png")
     plot_pareto(results, args.out / "fig_pareto_memory_vs_loss.png")
-    write_text(args.out / "table_main.tex", table(results, "main", "Attention variants: parameters, attention "
-               "widths, best validation loss (mean $\\pm$ std over seeds, n), KV cache at 128k tokens and its "
-               "compression against the standard fp16 cache.", "tab:main"))  # fmt: skip
+    write_text(args.out / "table_main.tex", table(results, "main", MAIN_CAPTION, "tab:main"))
     write_text(args.out / "table_scale.tex", table(results, "scale", "Scale: the 1B-parameter runs.", "tab:scale"))
     write_text(args.out / "paper_numbers.tex", number_macros(results))
     missing = results["missing_runs"]

@@ -1,8 +1,8 @@
-"""Entry point: `python main.py --mode train ...` (see README.md). All logic lives in production/."""
+"""Entry point: `python main.py --mode train|sample ...` (see README.md). All logic lives in production/."""
 
 import sys
 
-from production.cli import main
+from production.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

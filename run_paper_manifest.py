@@ -8,14 +8,19 @@ import sys
 import time
 from pathlib import Path
 
-from production.cli import Parser
-from production.errors import UserError
+from production.core.entry import Parser, command
+from production.core.errors import UserError
+from production.paper.manifest import RunPlan, load_manifest, plan_runs, select_runs, torchrun_launcher
+from production.paper.runner import check_data, run_one, table
 
 
-def main(argv=None) -> int:
-    p = Parser(prog="run_paper_manifest.py", description="Validate, then run a group of the paper manifest: "
-               "provenance first, training as main.py subprocesses, finished runs skipped, interrupted ones "
-               "resumed, a status table at the end.")  # fmt: skip
+def build_parser() -> Parser:
+    p = Parser(
+        prog="run_paper_manifest.py",
+        description="Validate, then run a group of the paper manifest: "
+        "provenance first, training as main.py subprocesses, finished runs skipped, interrupted ones "
+        "resumed, a status table at the end.",
+    )
     p.add_argument(
         "--group", required=True, help="manifest group to run (e.g. mac_fw100m, a100_fw1b_1bscale, cpu_smoke)"
     )
@@ -32,41 +37,43 @@ def main(argv=None) -> int:
     d.add_argument("--node-rank", type=int, help="torchrun --node_rank")
     d.add_argument("--master-addr", help="torchrun --master_addr (the rank-0 node)")
     d.add_argument("--master-port", type=int, help="torchrun --master_port")
-    args = p.parse_args(argv)
-    from production.harness import check_data, run_one, table
-    from production.manifest import load_manifest, plan_runs, select_runs, torchrun_launcher
+    return p
 
-    try:
-        manifest, sha = load_manifest(args.manifest)
-        group, runs = select_runs(manifest, args.group, args.only)
-        launcher = torchrun_launcher(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr,
-                                     args.master_port)  # fmt: skip
-        if args.dist and not launcher:
-            raise UserError("--dist needs --nproc-per-node")
-        plans = plan_runs(manifest, group, runs, args.runs_dir, args.device, launcher, args.dist)
-        print(f"{args.manifest} (sha256 {sha[:12]}), group {args.group}: {len(plans)} run(s), every `expected` holds")
-        if args.dry_run:
-            data = group.get("data")
-            if data:
-                print(
-                    f"data: {data}" + ("" if Path(data).exists() else " (MISSING: create it with prepare_fineweb.py)")
-                )
-            else:
-                print("data: the embedded corpus")
-            for plan in plans:
-                m, t = plan.resolved["model"], plan.resolved["train"]
-                dims = " ".join([
-                    f"{m['attn_mode']} d_model={m['d_model']} n_layer={m['n_layer']} n_head={m['n_head']}",
-                    f"attn_dim={m['attn_dim']} sem/geo={m['sem_dim']}/{m['geo_dim']} kv_heads={m['kv_heads']}",
-                    f"null={m['null_attn']} tie_qk={m['tie_qk']} rope={m['rope']} params={m['n_params'] / 1e6:.1f}M",
-                    f"steps={t['steps']} lr={t['lr']} batch={t['batch_size']}x{t['grad_accum']}x{m['block_size']}",
-                ])  # fmt: skip
-                print(f"\n{plan.id}: {dims}\n  {plan.command_text()}")
-            return 0
-        check_data(plans)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def print_plans(group: dict, plans: list[RunPlan]) -> None:
+    """--dry-run: the data, and per run its resolved dims and exact command."""
+    data = group.get("data")
+    if data:
+        print(f"data: {data}" + ("" if Path(data).exists() else " (MISSING: create it with prepare_fineweb.py)"))
+    else:
+        print("data: the embedded corpus")
+    for plan in plans:
+        m, t = plan.resolved["model"], plan.resolved["train"]
+        dims = " ".join(
+            [
+                f"{m['attn_mode']} d_model={m['d_model']} n_layer={m['n_layer']} n_head={m['n_head']}",
+                f"attn_dim={m['attn_dim']} sem/geo={m['sem_dim']}/{m['geo_dim']} kv_heads={m['kv_heads']}",
+                f"null={m['null_attn']} tie_qk={m['tie_qk']} rope={m['rope']} params={m['n_params'] / 1e6:.1f}M",
+                f"steps={t['steps']} lr={t['lr']} batch={t['batch_size']}x{t['grad_accum']}x{m['block_size']}",
+            ]
+        )
+        print(f"\n{plan.id}: {dims}\n  {plan.command_text()}")
+
+
+@command()
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    manifest, sha = load_manifest(args.manifest)
+    group, runs = select_runs(manifest, args.group, args.only)
+    launcher = torchrun_launcher(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if args.dist and not launcher:
+        raise UserError("--dist needs --nproc-per-node")
+    plans = plan_runs(manifest, group, runs, args.runs_dir, args.device, launcher, args.dist)
+    print(f"{args.manifest} (sha256 {sha[:12]}), group {args.group}: {len(plans)} run(s), every `expected` holds")
+    if args.dry_run:
+        print_plans(group, plans)
+        return 0
+    check_data(plans)
     t0 = time.time()
     results = [run_one(plan, args.runs_dir, args.manifest, sha, args.device, args.post_mem128k) for plan in plans]
     print(f"\ngroup {args.group}: {len(results)} run(s) in {time.time() - t0:.0f}s")

@@ -1,49 +1,58 @@
+import contextlib
 import hashlib
+import io
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tiktoken
 
-from production.tokenizer import gpt2_files
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the top-level scripts (run_paper_manifest.py, ...) import as modules
+
+from production.cli.main import main as main_py  # noqa: E402
+from production.data.tokenizer import gpt2_files  # noqa: E402
 
 # A tiny but real training config: nano presets with one narrow layer and short windows.
-TINY = [
-    "--size",
-    "nano",
-    "--n-layer",
-    "1",
-    "--d-model",
-    "64",
-    "--d-ff",
-    "128",
-    "--block",
-    "32",
-    "--batch-size",
-    "4",
-    "--device",
-    "cpu",
-    "--no-compile",
-]
+TINY = "--size nano --n-layer 1 --d-model 64 --d-ff 128 --block 32 --batch-size 4 --device cpu --no-compile".split()
 
 
-def run_main(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
-    """Run `python main.py ARGS` as a user would; returns the completed process (text output)."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "main.py"), *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@dataclass
+class Result:
+    """What a command printed and returned (the fields of subprocess.CompletedProcess)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+def call(main, *args) -> Result:
+    """Run a command's `main(argv)` in this process, as a user runs it from a shell, capturing its output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # --help
+            code = e.code
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def run_main(*args) -> Result:
+    """`python main.py ARGS`, in this process."""
+    return call(main_py, *args)
+
+
+def run_script(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A real subprocess, for the few end-to-end checks of the scripts as files."""
+    command = [sys.executable, str(REPO / script), *map(str, args)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(proc, *fragments: str) -> None:
     """Exit 2, one `error:` line on stderr naming the problem, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -51,6 +60,19 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     assert "Traceback" not in proc.stderr + proc.stdout
     for frag in fragments:
         assert frag in lines[0], (frag, lines[0])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cwd(tmp_path_factory):
+    """Module fixtures run here too: nothing a test writes by default lands in the checkout (runs/, tuner.json)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

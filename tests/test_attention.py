@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 
-from production.attention import ATTENTION, DecoupledAttention, MultiHeadAttention
-from production.config import EXPERIMENTS, SIZES, resolve_model
-from production.model import GPT
-from production.rope import Rotary, apply_rope
+from production.config.presets import EXPERIMENTS, SIZES
+from production.config.resolve import resolve_model
+from production.model.attention import ATTENTION, DecoupledAttention, MultiHeadAttention, build_attention
+from production.model.config import ATTN_MODES
+from production.model.gpt import GPT
+from production.model.rope import Rotary, apply_rope
 
 TOL = 1e-6  # float64 math throughout; the RoPE tables are float32
 
@@ -57,7 +59,7 @@ def naive_mha(m: MultiHeadAttention, x: torch.Tensor, rope: bool) -> torch.Tenso
 
 
 def naive_decoupled(m: DecoupledAttention, x: torch.Tensor, rope: bool) -> torch.Tensor:
-    """Sum of the two separately scaled score matrices, as DESIGN.md 3.1 defines it."""
+    """Sum of the two separately scaled score matrices, as docs/ARCHITECTURE.md defines it."""
     H, s, g = m.n_head, m.sem_head, m.geo_head
     qs, ks = x @ m.q_sem.weight.T, x @ m.k_sem.weight.T
     qg, kg = x @ m.q_geo.weight.T, x @ m.k_geo.weight.T
@@ -214,8 +216,6 @@ def test_norope_has_no_positional_signal():
 
 
 def test_registry_covers_every_mode_and_rejects_unknown():
-    from production.attention import build_attention
-    from production.config import ATTN_MODES
 
     assert set(ATTENTION) == set(ATTN_MODES)
     cfg = resolve_model("nano", "paper_baseline")

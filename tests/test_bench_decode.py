@@ -1,9 +1,8 @@
 import json
-import subprocess
-import sys
 
-from conftest import REPO
-from production.bench_decode import split_policies
+from conftest import assert_user_error, call
+from production.bench.decode import main as bench_decode
+from production.bench.decode import split_policies
 
 
 def test_policy_lists_split_on_semicolons_or_repeated_keys():
@@ -12,17 +11,17 @@ def test_policy_lists_split_on_semicolons_or_repeated_keys():
         "ksem=q4_0,kgeo=q8_0,v=q4_0,resid=128",
     ]
     assert split_policies("fp16,k=q8_0@32,v=q8_0@32,resid=0,k=q4_0,v=q4_0") == [
-        "fp16", "k=q8_0@32,v=q8_0@32,resid=0", "k=q4_0,v=q4_0"]  # fmt: skip
+        "fp16",
+        "k=q8_0@32,v=q8_0@32,resid=0",
+        "k=q4_0,v=q4_0",
+    ]
 
 
 def test_bench_decode_json_rows():
-    proc = subprocess.run(
-        [sys.executable, "-m", "production.bench_decode", "--size", "nano", "--n-layer", "1", "--exp",
-         "paper_decoupled,paper_baseline", "--context", "64,200", "--policies",
-         "fp16;ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=16", "--steps", "1", "--rounds", "2", "--warmup", "0",
-         "--chunk", "50", "--device", "cpu", "--json"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+    args = "--size nano --n-layer 1 --exp paper_decoupled,paper_baseline --context 64,200 --steps 1 --rounds 2 "
+    args += "--warmup 0 --chunk 50 --device cpu --json"
+    policies = "fp16;ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=16"
+    proc = call(bench_decode, *args.split(), "--policies", policies)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     rows = {(r["exp"], r["context"], r["policy"]): r for r in report["results"]}
@@ -35,6 +34,5 @@ def test_bench_decode_json_rows():
 
 
 def test_bench_decode_rejects_bad_context():
-    proc = subprocess.run([sys.executable, "-m", "production.bench_decode", "--context", "0"], cwd=REPO,
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --context") and "Traceback" not in proc.stderr
+    assert_user_error(call(bench_decode, "--context", "0"), "--context needs positive integers")
+    assert_user_error(call(bench_decode, "--context", "1k"), "--context needs positive integers")

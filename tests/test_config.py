@@ -1,11 +1,13 @@
 import pytest
 
-from production.config import EXPERIMENTS, SIZES, resolve_model, resolve_train
-from production.errors import UserError
-from production.model import GPT, param_count
+from production.config.presets import EXPERIMENTS, SIZES
+from production.config.resolve import resolve_model, resolve_train
+from production.core.errors import UserError
+from production.model.gpt import GPT, param_count
 
-# DESIGN.md 3.2: (d_model, n_layer, n_head, d_ff, block, batch, grad accum, attn_dim, sem, geo, gqa kv_heads)
-DESIGN_SIZES = {
+# the size table of docs/ARCHITECTURE.md:
+# (d_model, n_layer, n_head, d_ff, block, batch, grad accum, attn_dim, sem, geo, gqa kv_heads)
+DOC_SIZES = {
     "nano": (256, 4, 4, 1024, 256, 8, 1, 48, 16, 32, 1),
     "tiny": (512, 6, 8, 2048, 1024, 16, 1, 96, 32, 64, 2),
     "small": (768, 12, 12, 3072, 1024, 8, 1, 144, 48, 96, 3),
@@ -13,8 +15,8 @@ DESIGN_SIZES = {
     "large": (1536, 24, 16, 6144, 2048, 2, 1, 288, 96, 192, 4),
     "1b": (2048, 18, 16, 8192, 4096, 2, 8, 768, 256, 512, 4),
 }
-# DESIGN.md 3.3: (attn_mode, null_attn, tie_qk, rope, lr)
-DESIGN_EXPS = {
+# the experiment table of docs/ARCHITECTURE.md: (attn_mode, null_attn, tie_qk, rope, lr)
+DOC_EXPS = {
     "paper_baseline": ("standard", False, False, True, 3e-4),
     "paper_bottleneck": ("bottleneck", True, False, True, 3e-4),
     "paper_decoupled": ("decoupled", False, True, True, 3e-4),
@@ -28,15 +30,15 @@ DESIGN_EXPS = {
 }
 
 
-def test_presets_are_exactly_the_design_tables():
-    assert set(SIZES) == set(DESIGN_SIZES) and set(EXPERIMENTS) == set(DESIGN_EXPS)
+def test_presets_are_exactly_the_documented_tables():
+    assert set(SIZES) == set(DOC_SIZES) and set(EXPERIMENTS) == set(DOC_EXPS)
 
 
-@pytest.mark.parametrize("size", list(DESIGN_SIZES))
-@pytest.mark.parametrize("exp", list(DESIGN_EXPS))
+@pytest.mark.parametrize("size", list(DOC_SIZES))
+@pytest.mark.parametrize("exp", list(DOC_EXPS))
 def test_every_preset_resolves_to_the_design_dims(size, exp):
-    d, L, H, ff, block, batch, accum, attn, sem, geo, kv = DESIGN_SIZES[size]
-    mode, null, tie, rope, lr = DESIGN_EXPS[exp]
+    d, L, H, ff, block, batch, accum, attn, sem, geo, kv = DOC_SIZES[size]
+    mode, null, tie, rope, lr = DOC_EXPS[exp]
     m, t = resolve_model(size, exp), resolve_train(size, exp)
     assert (m.d_model, m.n_layer, m.n_head, m.d_ff, m.block_size) == (d, L, H, ff, block)
     assert (m.attn_mode, m.null_attn, m.tie_qk, m.rope) == (mode, null, tie, rope)

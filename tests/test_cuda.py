@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from production.attention import cache_widths
-from production.config import EXPERIMENTS, resolve_model
-from production.kvcache import parse_policy
-from production.model import GPT
-from production.quant import quantize_blocks
-from production.sampling import SamplingConfig, generate
+from production.cache.policy import parse_policy
+from production.cache.quant import quantize_blocks
+from production.config.presets import EXPERIMENTS
+from production.config.resolve import resolve_model
+from production.config.sampling import SamplingConfig
+from production.model.attention import cache_widths
+from production.model.gpt import GPT
+from production.sample.generate import generate
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

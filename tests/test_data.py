@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from production.corpus import clean_play, embedded_tokens
-from production.data import WindowSampler, fixed_batches, open_tokens, split_tokens
-from production.errors import UserError
-from production.tokenfile import LLMC_MAGIC
-from production.tokenizer import get_tokenizer
+from production.core.errors import UserError
+from production.data.corpus import clean_play, embedded_tokens
+from production.data.files import LLMC_MAGIC, open_tokens
+from production.data.splits import WindowSampler, fixed_batches, split_tokens
+from production.data.tokenizer import get_tokenizer
 
 
 def write_llmc_shard(path, tokens, magic=LLMC_MAGIC, version=1, count=None):

@@ -2,17 +2,18 @@
 
 import json
 import math
+import re
 import shutil
 import statistics
 import struct
 import subprocess
-import sys
 
 import pytest
 from scipy import stats
 
-from conftest import REPO
-from production.figures import CONVERGENCE_PANEL, DPI, PARETO_SIZE
+import generate_paper_figures
+from conftest import REPO, call
+from production.paper.figures import CONVERGENCE_PANEL, DPI, PARETO_SIZE
 
 MODELS = {
     "paper_baseline": dict(attn_mode="standard", attn_dim=256, sem_dim=None, geo_dim=None, kv_heads=4),
@@ -30,14 +31,27 @@ CURVES = {  # run -> val loss at steps 0, 10, 20, 30, 40, 50
 
 def spec(run_id):
     exp = "paper_" + run_id[2:].rsplit("_s", 1)[0]
-    return {"id": run_id, "exp": exp, "size": "nano", "seed": int(run_id[-1]), "steps": 50,
-            "expected": {"attn_mode": MODELS[exp]["attn_mode"]}}  # fmt: skip
+    return {
+        "id": run_id,
+        "exp": exp,
+        "size": "nano",
+        "seed": int(run_id[-1]),
+        "steps": 50,
+        "expected": {"attn_mode": MODELS[exp]["attn_mode"]},
+    }
 
 
 def write_run(runs_dir, run_id, mem=True):
     s = spec(run_id)
-    model = {"d_model": 256, "n_layer": 4, "n_head": 4, "null_attn": s["exp"].endswith("null"),
-             "tie_qk": "decoupled" in s["exp"], "rope": True, **MODELS[s["exp"]]}  # fmt: skip
+    model = {
+        "d_model": 256,
+        "n_layer": 4,
+        "n_head": 4,
+        "null_attn": s["exp"].endswith("null"),
+        "tie_qk": "decoupled" in s["exp"],
+        "rope": True,
+        **MODELS[s["exp"]],
+    }
     d = runs_dir / run_id
     d.mkdir(parents=True)
     curve = CURVES[run_id]
@@ -57,11 +71,15 @@ def write_run(runs_dir, run_id, mem=True):
         cand = 35_000_000 + len(run_id)
         report.update(policy="ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128", measured_bytes=cand)
         report["decomposition"] = {
-            "standard_fp16": {"measured_bytes": std_bytes}, "decoupled_fp16": {"measured_bytes": dec_fp16},
+            "standard_fp16": {"measured_bytes": std_bytes},
+            "decoupled_fp16": {"measured_bytes": dec_fp16},
             "candidate": {"measured_bytes": cand},
-            "ratios": {"arch": {"measured": std_bytes / dec_fp16}, "quant": {"measured": dec_fp16 / cand},
-                       "e2e": {"measured": std_bytes / cand}},
-        }  # fmt: skip
+            "ratios": {
+                "arch": {"measured": std_bytes / dec_fp16},
+                "quant": {"measured": dec_fp16 / cand},
+                "e2e": {"measured": std_bytes / cand},
+            },
+        }
     (d / "mem128k.json").write_text(json.dumps(report))
 
 
@@ -70,16 +88,27 @@ def fixture_runs(tmp_path):
     runs = tmp_path / "runs"
     for run_id in CURVES:
         write_run(runs, run_id)
-    manifest = {"version": 2, "groups": [{"name": "t", "description": "fixture", "paper": True, "table": "main",
-                                          "data": None, "runs": [spec(r) for r in CURVES]}]}  # fmt: skip
+    manifest = {
+        "version": 2,
+        "groups": [
+            {
+                "name": "t",
+                "description": "fixture",
+                "paper": True,
+                "table": "main",
+                "data": None,
+                "runs": [spec(r) for r in CURVES],
+            }
+        ],
+    }
     (tmp_path / "m.json").write_text(json.dumps(manifest))
     return tmp_path
 
 
 def generate(root, *args):
-    return subprocess.run([sys.executable, str(REPO / "generate_paper_figures.py"), "--manifest", str(root / "m.json"),
-                           "--runs-dir", str(root / "runs"), "--out", str(root / "assets"), *args], cwd=REPO,
-                          capture_output=True, text=True)  # fmt: skip
+    """generate_paper_figures.py, in this process."""
+    paths = ["--manifest", root / "m.json", "--runs-dir", root / "runs", "--out", root / "assets"]
+    return call(generate_paper_figures.main, *paths, *args)
 
 
 def png_size(path):
@@ -122,9 +151,13 @@ def test_pngs_are_real_images_of_the_expected_size(fixture_runs):
     assert generate(fixture_runs).returncode == 0
     # one group with sweeps -> one row of two panels
     assert png_size(fixture_runs / "assets" / "fig_convergence.png") == (
-        round(2 * CONVERGENCE_PANEL[0] * DPI), round(CONVERGENCE_PANEL[1] * DPI))  # fmt: skip
+        round(2 * CONVERGENCE_PANEL[0] * DPI),
+        round(CONVERGENCE_PANEL[1] * DPI),
+    )
     assert png_size(fixture_runs / "assets" / "fig_pareto_memory_vs_loss.png") == (
-        round(PARETO_SIZE[0] * DPI), round(PARETO_SIZE[1] * DPI))  # fmt: skip
+        round(PARETO_SIZE[0] * DPI),
+        round(PARETO_SIZE[1] * DPI),
+    )
 
 
 def test_missing_run_is_an_error_and_partial_marks_it(fixture_runs):
@@ -154,18 +187,28 @@ def test_unknown_group(fixture_runs):
 def test_tables_and_paper_compile_with_pdflatex(fixture_runs):
     assert generate(fixture_runs).returncode == 0
     doc = fixture_runs / "tables.tex"
-    doc.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n\\input{assets/table_main.tex}\n"
-                   "\\input{assets/table_scale.tex}\n\\end{document}\n")  # fmt: skip
-    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "tables.tex"], cwd=fixture_runs,
-                          capture_output=True, text=True)  # fmt: skip
+    doc.write_text(
+        "\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n\\input{assets/table_main.tex}\n"
+        "\\input{assets/table_scale.tex}\n\\end{document}\n"
+    )
+    proc = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "tables.tex"],
+        cwd=fixture_runs,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:]
     shutil.copy(REPO / "paper.tex", fixture_runs)
     shutil.copy(REPO / "references.bib", fixture_runs)
     for cmd in (["pdflatex"], ["bibtex"], ["pdflatex"], ["pdflatex"]):
         arg = "paper" if cmd == ["bibtex"] else "paper.tex"
-        proc = subprocess.run([*cmd, *(["-interaction=nonstopmode", "-halt-on-error"] if cmd != ["bibtex"] else []),
-                               arg], cwd=fixture_runs, capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [*cmd, *(["-interaction=nonstopmode", "-halt-on-error"] if cmd != ["bibtex"] else []), arg],
+            cwd=fixture_runs,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:]
     log = (fixture_runs / "paper.log").read_text()
-    assert "Citation" not in log or "undefined" not in log  # every citation resolved
+    assert not re.search(r"(Citation|Reference) `[^']*' on page \d+ undefined", log), "unresolved citations"
     assert (fixture_runs / "paper.pdf").stat().st_size > 50_000

@@ -3,14 +3,17 @@ import math
 import pytest
 import torch
 
-from production.attention import cache_widths
-from production.cached_attention import attend_cache
-from production.config import EXPERIMENTS, resolve_model
-from production.errors import UserError
-from production.kvcache import KVCache, LayerCache, estimate_bytes, parse_policy
-from production.model import GPT
-from production.quant import dequantize_blocks, quantize_blocks
-from production.sampling import SamplingConfig, generate
+from production.cache.attend import attend_cache
+from production.cache.kvcache import KVCache, LayerCache, estimate_bytes
+from production.cache.policy import parse_policy
+from production.cache.quant import dequantize_blocks, quantize_blocks
+from production.config.presets import EXPERIMENTS
+from production.config.resolve import resolve_model
+from production.config.sampling import SamplingConfig
+from production.core.errors import UserError
+from production.model.attention import cache_widths
+from production.model.gpt import GPT
+from production.sample.generate import generate
 
 DEC = ["k_sem", "k_geo", "v"]
 PAPER = "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
@@ -58,8 +61,10 @@ def test_no_padding_bytes_are_values_times_bytes_per_value():
     window = 2 * (48 + 144) * 1  # groups of 2 tokens: one token may wait in the window (fp16)
     assert estimate_bytes(policy, widths, 1, 1, n) == 210 * n + window
     fp16 = parse_policy("fp16", DEC)
-    assert estimate_bytes(fp16, widths, 12, 1, 131072) * 1536 == estimate_bytes(
-        parse_policy("fp16", ["k", "v"]), {"k": 768, "v": 768}, 12, 1, 131072) * 288  # fmt: skip
+    assert (
+        estimate_bytes(fp16, widths, 12, 1, 131072) * 1536
+        == estimate_bytes(parse_policy("fp16", ["k", "v"]), {"k": 768, "v": 768}, 12, 1, 131072) * 288
+    )
 
 
 @pytest.mark.parametrize("width,qb,resid", [(48, 32, 0), (48, 32, 3), (144, 32, 7), (7, 32, 2), (96, 64, 0)])
@@ -68,8 +73,14 @@ def test_stream_reads_llama_blocks_of_the_flat_sequence_and_an_exact_window(widt
     torch.manual_seed(0)
     n, B = 37, 2
     x = torch.randn(B, n, width) * 3
-    layer = LayerCache(parse_policy(f"k={kind}@{qb},v=fp16,resid={resid}", ["k", "v"]),
-                       {"k": width, "v": width}, B, 64, None, chunk_tokens=8)  # fmt: skip
+    layer = LayerCache(
+        parse_policy(f"k={kind}@{qb},v=fp16,resid={resid}", ["k", "v"]),
+        {"k": width, "v": width},
+        B,
+        64,
+        None,
+        chunk_tokens=8,
+    )
     for t0, t1 in [(0, 5), (5, 6), (6, 20), (20, 37)]:  # a prefill, then tokens in uneven steps
         layer.append({"k": x[:, t0:t1], "v": x[:, t0:t1]})
     s = layer.streams["k"]
@@ -109,8 +120,15 @@ def naive_cached(q, k, v, null_k=None, null_v=None):
 def test_chunked_online_softmax_equals_full_softmax(Hkv, Tq, null, impl):
     torch.manual_seed(0)
     B, H, d, n = 2, 4, 8, 45
-    layer = LayerCache(parse_policy("k=q8_0@32,v=q4_0@32,resid=6", ["k", "v"]), {"k": Hkv * d, "v": Hkv * d},
-                       B, 64, None, chunk_tokens=7, impl=impl)  # fmt: skip
+    layer = LayerCache(
+        parse_policy("k=q8_0@32,v=q4_0@32,resid=6", ["k", "v"]),
+        {"k": Hkv * d, "v": Hkv * d},
+        B,
+        64,
+        None,
+        chunk_tokens=7,
+        impl=impl,
+    )
     layer.append({"k": torch.randn(B, n, Hkv * d), "v": torch.randn(B, n, Hkv * d)})
     q = torch.randn(B, H, Tq, d)
     null_k, null_v = (torch.randn(Hkv, d), torch.randn(Hkv, d)) if null else (None, None)
@@ -151,13 +169,16 @@ def teacher_forced_logits(model, tokens, policy, prefill):
     return torch.cat([model(tokens[:, t : t + 1], cache=cache)[0] for t in range(prefill, tokens.shape[1])], dim=1)
 
 
-@pytest.mark.parametrize("exp,policy,bound", [
-    ("paper_decoupled", "ksem=q8_0@32,kgeo=q8_0@32,v=q8_0@32,resid=0", 0.01),
-    ("paper_decoupled", PAPER.replace("128", "8"), 0.1),
-    ("paper_decoupled_null", "ksem=nf4@32,kgeo=q8_0@32,v=nf4@32,resid=8", 0.1),
-    ("paper_baseline", "k=q8_0@32,v=q8_0@32,resid=0", 0.01),
-    ("paper_gqa", "k=q4_0@32,v=q4_0@32,resid=4", 0.1),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "exp,policy,bound",
+    [
+        ("paper_decoupled", "ksem=q8_0@32,kgeo=q8_0@32,v=q8_0@32,resid=0", 0.01),
+        ("paper_decoupled", PAPER.replace("128", "8"), 0.1),
+        ("paper_decoupled_null", "ksem=nf4@32,kgeo=q8_0@32,v=nf4@32,resid=8", 0.1),
+        ("paper_baseline", "k=q8_0@32,v=q8_0@32,resid=0", 0.01),
+        ("paper_gqa", "k=q4_0@32,v=q4_0@32,resid=4", 0.1),
+    ],
+)
 def test_quantized_cache_logit_error_is_measured_and_bounded(exp, policy, bound):
     model = resolve_model("nano", exp, {"n_layer": 2, "block_size": 64})
     torch.manual_seed(0)

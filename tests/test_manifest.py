@@ -1,22 +1,20 @@
 """paper_manifest.json against the config code, and run_paper_manifest.py end to end on a tiny manifest."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, run_main
-from production.errors import UserError
-from production.manifest import load_manifest, plan_runs, select_runs
+import run_paper_manifest
+from conftest import REPO, call, run_main
+from production.core.errors import UserError
+from production.paper.manifest import load_manifest, plan_runs, select_runs
 
-TINY = {"n_layer": 1, "d_model": 64, "d_ff": 128, "block_size": 32, "batch_size": 4, "eval_every": 4,
-        "eval_iters": 1}  # fmt: skip
+TINY = {"n_layer": 1, "d_model": 64, "d_ff": 128, "block_size": 32, "batch_size": 4, "eval_every": 4, "eval_iters": 1}
 
 
-def run_manifest(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "run_paper_manifest.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+def run_manifest(*args):
+    """run_paper_manifest.py, in this process (its training runs are main.py subprocesses, as for users)."""
+    return call(run_paper_manifest.main, *args)
 
 
 def test_shipped_manifest_resolves_and_every_expected_holds(tmp_path):
@@ -55,13 +53,16 @@ def spec(id_, exp="paper_decoupled", **kw):
     return {"id": id_, "exp": exp, "size": "nano", "seed": 1, "steps": 8, "expected": {"attn_mode": "decoupled"}, **kw}
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"expected": {"attn_mode": "standard"}}, "expected attn_mode = 'standard', but it resolves to 'decoupled'"),
-    ({"expected": {"flux": 3}}, "expected field 'flux' is not a resolved-config field"),
-    ({"exp": "paper_turbo"}, "unknown exp 'paper_turbo'"),
-    ({"overrides": {"warp": 9}}, "unknown override 'warp'"),
-    ({"overrides": {"n_head": 3}}, "n_head=3 does not divide d_model"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"expected": {"attn_mode": "standard"}}, "expected attn_mode = 'standard', but it resolves to 'decoupled'"),
+        ({"expected": {"flux": 3}}, "expected field 'flux' is not a resolved-config field"),
+        ({"exp": "paper_turbo"}, "unknown exp 'paper_turbo'"),
+        ({"overrides": {"warp": 9}}, "unknown override 'warp'"),
+        ({"overrides": {"n_head": 3}}, "n_head=3 does not divide d_model"),
+    ],
+)
 def test_bad_runs_are_clear_errors_before_anything_trains(tmp_path, change, match):
     m = write_manifest(tmp_path / "m.json", [spec("a"), {**spec("b"), **change}])
     manifest, _ = load_manifest(m)
@@ -94,16 +95,50 @@ def test_dry_run_trains_nothing_and_names_missing_data(tmp_path):
 
 def test_runs_with_provenance_then_skip_resume_and_survive_a_failure(tmp_path, token_file):
     runs_dir = tmp_path / "runs"
-    m = write_manifest(tmp_path / "m.json", [
-        spec("ok"),
-        spec("partial", exp="paper_baseline", expected={"attn_mode": "standard"}),
-        spec("boom", overrides={"lr": 1e30, "warmup_steps": 0, "grad_clip": 1e30}),
-    ], data=str(token_file))  # fmt: skip
+    m = write_manifest(
+        tmp_path / "m.json",
+        [
+            spec("ok"),
+            spec("partial", exp="paper_baseline", expected={"attn_mode": "standard"}),
+            spec("boom", overrides={"lr": 1e30, "warmup_steps": 0, "grad_clip": 1e30}),
+        ],
+        data=str(token_file),
+    )
     # an interrupted run: stopped at step 3 with a last.pt, as if killed mid-way
-    partial = run_main("--mode", "train", "--size", "nano", "--exp", "paper_baseline", "--seed", "1", "--steps", "8",
-                       "--out-dir", runs_dir / "partial", "--device", "cpu", "--data", token_file, "--n-layer", "1",
-                       "--d-model", "64", "--d-ff", "128", "--block", "32", "--batch-size", "4", "--eval-every", "4",
-                       "--eval-iters", "1", "--stop-at", "3")  # fmt: skip
+    partial = run_main(
+        "--mode",
+        "train",
+        "--size",
+        "nano",
+        "--exp",
+        "paper_baseline",
+        "--seed",
+        "1",
+        "--steps",
+        "8",
+        "--out-dir",
+        runs_dir / "partial",
+        "--device",
+        "cpu",
+        "--data",
+        token_file,
+        "--n-layer",
+        "1",
+        "--d-model",
+        "64",
+        "--d-ff",
+        "128",
+        "--block",
+        "32",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "4",
+        "--eval-iters",
+        "1",
+        "--stop-at",
+        "3",
+    )
     assert partial.returncode == 0, partial.stderr
     proc = run_manifest("--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu", "--post-mem128k")
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one run failed
@@ -124,6 +159,7 @@ def test_runs_with_provenance_then_skip_resume_and_survive_a_failure(tmp_path, t
     assert types.count("meta") == 1 and types.count("resume_meta") == 1 and types[-1] == "done"  # resumed
     assert "--resume" in (runs_dir / "partial" / "command.txt").read_text()
     assert json.loads((runs_dir / "boom" / "resolved_run.json").read_text())["status"] == "failed"
-    again = run_manifest("--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu", "--only", "ok",
-                         "partial")  # fmt: skip
+    again = run_manifest(
+        "--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu", "--only", "ok", "partial"
+    )
     assert again.returncode == 0 and again.stdout.count(" skipped ") == 2

@@ -1,21 +1,21 @@
 import json
-import subprocess
-import sys
 
 import jsonschema
 import pytest
 
-from conftest import REPO, TINY, assert_user_error, run_main
-from production.config import resolve_model
-from production.kvcache import parse_policy
-from production.memory import measure_cache
+from conftest import REPO, TINY, assert_user_error, call, run_main, run_script
+from production.bench.memory import main as bench_memory
+from production.cache.memory import measure_cache
+from production.cache.policy import parse_policy
+from production.config.resolve import resolve_model
+from production.model.attention import cache_widths
 
-SCRIPT = REPO / "production" / "bench_end_to_end_memory.py"
 SCHEMA = json.loads((REPO / "production" / "schemas" / "mem128k.schema.json").read_text())
 
 
 def run_mem(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, capture_output=True, text=True)
+    """production/bench_end_to_end_memory.py, in this process."""
+    return call(bench_memory, *args)
 
 
 @pytest.mark.parametrize("kind", ["fp16", "bf16", "fp32", "q8_0@32", "q4_0@32", "nf4@32", "q4_0@64", "q8_0@16"])
@@ -25,7 +25,7 @@ def test_estimate_equals_measured_storage_on_cpu(kind, resid):
     cfg = resolve_model("nano", "paper_decoupled", {"n_head": 1, "sem_dim": 7, "geo_dim": 10, "n_layer": 2})
     policy = parse_policy(f"ksem={kind},kgeo={kind},v={kind},resid={resid}", ["k_sem", "k_geo", "v"])
     for context in (2, 333, 4096):
-        record, cache = measure_cache(cfg, policy, 2, context, "cpu")
+        record, cache = measure_cache(cache_widths(cfg), cfg.n_layer, policy, 2, context, "cpu")
         assert record["measured_bytes"] == record["estimate_bytes"] == cache.nbytes()
         assert sum(s["measured_bytes"] for s in record["per_stream"].values()) == record["measured_bytes"]
         assert all(s["measured_bytes"] == s["estimate_bytes"] for s in record["per_stream"].values())
@@ -33,7 +33,9 @@ def test_estimate_equals_measured_storage_on_cpu(kind, resid):
 
 def test_small_decomposition_at_128k(tmp_path):
     out = tmp_path / "mem.json"
-    proc = run_mem("--size", "small", "--exp", "paper_decoupled", "--decompose", "--device", "cpu", "--out", out)
+    # as a script, the way the original README runs it (and its 4.5 GiB of buffers leave with the process)
+    args = "--size small --exp paper_decoupled --decompose --device cpu".split()
+    proc = run_script("production/bench_end_to_end_memory.py", *args, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("mem128k e2e=14.59x arch=5.33x quant=2.74x")
     report = json.loads(out.read_text())
@@ -60,12 +62,35 @@ def test_checkpoints_baseline_and_decode_step(tmp_path, token_file):
     runs = {}
     for exp in ("paper_decoupled", "paper_baseline"):
         runs[exp] = tmp_path / exp
-        proc = run_main("--mode", "train", *TINY, "--exp", exp, "--data", token_file, "--out-dir", runs[exp],
-                        "--steps", "1", "--eval-iters", "1")  # fmt: skip
+        proc = run_main(
+            "--mode",
+            "train",
+            *TINY,
+            "--exp",
+            exp,
+            "--data",
+            token_file,
+            "--out-dir",
+            runs[exp],
+            "--steps",
+            "1",
+            "--eval-iters",
+            "1",
+        )
         assert proc.returncode == 0, proc.stderr
     baseline = runs["paper_baseline"] / "best.pt"
-    proc = run_mem("--ckpt", runs["paper_decoupled"] / "best.pt", "--decompose", "--baseline-ckpt", baseline,
-                   "--context-len", "512", "--decode-step", "--device", "cpu")  # fmt: skip
+    proc = run_mem(
+        "--ckpt",
+        runs["paper_decoupled"] / "best.pt",
+        "--decompose",
+        "--baseline-ckpt",
+        baseline,
+        "--context-len",
+        "512",
+        "--decode-step",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((runs["paper_decoupled"] / "mem128k.json").read_text())  # written next to the checkpoint
     jsonschema.validate(report, SCHEMA)

@@ -2,6 +2,7 @@
 tiktoken encoding."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
-from production.corpus import clean_play, play_files
-from production.data import open_tokens
-from production.errors import UserError
-from production.prepare import PrepareArgs, parse_count, prepare
+import prepare_fineweb
+from conftest import REPO, call
+from production.core.errors import UserError
+from production.data.corpus import clean_play, play_files
+from production.data.files import open_tokens
+from production.data.prepare import PrepareArgs, parse_count, prepare
 
 EXTRA = ["naïve café — “quotes” 😀 <|endoftext|> in text", "", "   ", "line\r\nbreaks\tand tabs"]
 
@@ -32,12 +34,21 @@ def sources(tmp_path_factory, texts):
     d = tmp_path_factory.mktemp("src")
     a, b, c = texts[:1500], texts[1500:2900], texts[2900:]
     n = len(a)
-    table = pa.table({
-        "text": a, "id": [f"<urn:uuid:{i}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.org/{i}" for i in range(n)], "date": ["2024-02-20T00:00:00Z"] * n,
-        "file_path": ["s3://commoncrawl/x.warc.gz"] * n, "language": ["en"] * n, "language_score": [0.97] * n,
-        "token_count": [len(t) // 4 for t in a], "score": [3.1] * n, "int_score": [3] * n,
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "text": a,
+            "id": [f"<urn:uuid:{i}>" for i in range(n)],
+            "dump": ["CC-MAIN-2024-10"] * n,
+            "url": [f"https://example.org/{i}" for i in range(n)],
+            "date": ["2024-02-20T00:00:00Z"] * n,
+            "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
+            "language": ["en"] * n,
+            "language_score": [0.97] * n,
+            "token_count": [len(t) // 4 for t in a],
+            "score": [3.1] * n,
+            "int_score": [3] * n,
+        }
+    )
     pq.write_table(table, d / "part-0.parquet", row_group_size=300)
     with open(d / "part-1.jsonl", "w") as f:
         for i, t in enumerate(b):
@@ -53,13 +64,18 @@ def reference(tiktoken_gpt2, texts, sources):
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, str(REPO / "prepare_fineweb.py"), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    """prepare_fineweb.py, in this process."""
+    return call(prepare_fineweb.main, *args)
 
 
 def test_parse_count():
-    assert [parse_count(t) for t in ("250K", "100M", "1.5B", "12345", "2k")] == [250_000, 10**8, 1_500_000_000,
-                                                                             12345, 2000]  # fmt: skip
+    assert [parse_count(t) for t in ("250K", "100M", "1.5B", "12345", "2k")] == [
+        250_000,
+        10**8,
+        1_500_000_000,
+        12345,
+        2000,
+    ]
     for bad in ("12X", "-5", "0", "1.5", "M"):
         with pytest.raises(UserError):
             parse_count(bad)
@@ -70,8 +86,18 @@ def test_output_equals_single_process_tiktoken_with_eot(tmp_path, sources, refer
     d, _ = sources
     n = len(reference) - 1234  # stop inside the last document
     out = tmp_path / "tok.npy"
-    proc = run_prepare("--tokens", n, "--output", out, "--source", d / "part-0.parquet", d / "part-1.jsonl",
-                       d / "part-2.txt", "--workers", workers)  # fmt: skip
+    proc = run_prepare(
+        "--tokens",
+        n,
+        "--output",
+        out,
+        "--source",
+        d / "part-0.parquet",
+        d / "part-1.jsonl",
+        d / "part-2.txt",
+        "--workers",
+        workers,
+    )
     assert proc.returncode == 0, proc.stderr
     got = np.load(out)
     assert got.dtype == np.uint16 and len(got) == n
@@ -102,8 +128,20 @@ def test_llmc_bin_single_file_and_shards(tmp_path, sources, reference):
     assert (header[0], header[1], header[2]) == (20240520, 1, 20000)
     np.testing.assert_array_equal(np.fromfile(single, dtype=np.uint16, offset=1024), reference[:20000])
     shards = tmp_path / "shards"
-    proc = run_prepare("--tokens", "25000", "--output", shards, "--format", "bin", "--shard-tokens", "10K",
-                       "--source", d, "--workers", "1")  # fmt: skip
+    proc = run_prepare(
+        "--tokens",
+        "25000",
+        "--output",
+        shards,
+        "--format",
+        "bin",
+        "--shard-tokens",
+        "10K",
+        "--source",
+        d,
+        "--workers",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in shards.iterdir()) == [f"shards_{i:06d}.bin" for i in range(3)]
     stream, fmt = open_tokens(shards)  # the trainer reads the folder as one sequence
@@ -138,7 +176,7 @@ def test_clear_errors(tmp_path, sources):
 
 
 def test_hub_unreachable_says_how_to_use_local_files(tmp_path):
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # no network here
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # no network here
     args = [sys.executable, str(REPO / "prepare_fineweb.py"), "--tokens", "1000", "--output", str(tmp_path / "fw.npy")]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -162,7 +200,7 @@ def test_local_files_stream_through_datasets_and_interruption_leaves_nothing(tmp
     prepare(PrepareArgs(3000, out, [str(d / "part-0.parquet")], "sample-10BT", 1, "npy", 10**8, False))
     assert calls[0][0] == ("parquet",) and calls[0][1]["streaming"] is True
 
-    import production.prepare as prep
+    import production.data.prepare as prep
 
     def interrupted(*a, **k):
         yield ["some text " * 50]

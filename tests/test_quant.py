@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from production.quant import NF4_CODEBOOK, block_bytes, decode, dequantize_blocks, encode, quantize_blocks
+from production.cache.quant import NF4_CODEBOOK, block_bytes, decode, dequantize_blocks, encode, quantize_blocks
 
 f32 = np.float32
 

@@ -10,8 +10,21 @@ from conftest import TINY, assert_user_error, run_main
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, token_file):
     out = tmp_path_factory.mktemp("sample") / "run"
-    proc = run_main("--mode", "train", *TINY, "--exp", "paper_decoupled_null", "--data", token_file, "--out-dir", out,
-                    "--steps", "3", "--eval-iters", "1")  # fmt: skip
+    proc = run_main(
+        "--mode",
+        "train",
+        *TINY,
+        "--exp",
+        "paper_decoupled_null",
+        "--data",
+        token_file,
+        "--out-dir",
+        out,
+        "--steps",
+        "3",
+        "--eval-iters",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     return out / "best.pt"
 
@@ -25,13 +38,35 @@ def sample_json(ckpt, *args):
 def test_text_and_json_output(ckpt):
     proc = run_main("--mode", "sample", "--ckpt", ckpt, "--prompt", "To be, or not", "--max-new-tokens", "5")
     assert proc.returncode == 0 and proc.stdout.startswith("To be, or not"), proc.stderr
-    r = sample_json(ckpt, "--prompt-tokens", "464 3290 318", "--max-new-tokens", "6", "--kv-policy",
-                    "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2", "--seed", "3", "--top-k", "20")  # fmt: skip
+    r = sample_json(
+        ckpt,
+        "--prompt-tokens",
+        "464 3290 318",
+        "--max-new-tokens",
+        "6",
+        "--kv-policy",
+        "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2",
+        "--seed",
+        "3",
+        "--top-k",
+        "20",
+    )
     assert r["prompt_ids"] == [464, 3290, 318] and len(r["generated_ids"]) == 6
     assert r["kv_policy"] == "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2"
     assert r["cache_bytes"] > 0 and r["ms_per_token"] > 0 and isinstance(r["text"], str)
-    again = sample_json(ckpt, "--prompt-tokens", "464 3290 318", "--max-new-tokens", "6", "--kv-policy",
-                        "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2", "--seed", "3", "--top-k", "20")  # fmt: skip
+    again = sample_json(
+        ckpt,
+        "--prompt-tokens",
+        "464 3290 318",
+        "--max-new-tokens",
+        "6",
+        "--kv-policy",
+        "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2",
+        "--seed",
+        "3",
+        "--top-k",
+        "20",
+    )
     assert again["generated_ids"] == r["generated_ids"]  # seeded
 
 
@@ -43,16 +78,22 @@ def test_fp16_cache_and_recompute_agree_through_the_cli(ckpt):
     assert fp16["cache_bytes"] == 32 * 2 * (16 + 32 + 48) * 1  # max_seq = block 32, 1 layer, fp16
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--prompt-tokens", "1 50257"], "outside the vocabulary"),
-    (["--prompt-tokens", "1 two"], "must be integers"),
-    (["--prompt", "hi", "--prompt-tokens", "1"], "exactly one of"),
-    (["--prompt-tokens", " ".join(["5"] * 30), "--max-new-tokens", "5"], "exceeds max_seq 32"),
-    (["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "k=q8_0,v=q8_0"], "unknown KV policy key 'k'"),
-    (["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "ksem=q2_0,kgeo=q8_0,v=q8_0"], "unknown KV cache kind"),
-    (["--prompt", "hi", "--steps", "4"], "--steps does not apply to --mode sample"),
-    (["--prompt", "hi", "--temperature", "0"], "temperature must be > 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--prompt-tokens", "1 50257"], "outside the vocabulary"),
+        (["--prompt-tokens", "1 two"], "must be integers"),
+        (["--prompt", "hi", "--prompt-tokens", "1"], "exactly one of"),
+        (["--prompt-tokens", " ".join(["5"] * 30), "--max-new-tokens", "5"], "exceeds max_seq 32"),
+        (["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "k=q8_0,v=q8_0"], "unknown KV policy key 'k'"),
+        (
+            ["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "ksem=q2_0,kgeo=q8_0,v=q8_0"],
+            "unknown KV cache kind",
+        ),
+        (["--prompt", "hi", "--steps", "4"], "--steps does not apply to --mode sample"),
+        (["--prompt", "hi", "--temperature", "0"], "temperature must be > 0"),
+    ],
+)
 def test_bad_sampling_input(ckpt, args, match):
     assert_user_error(run_main("--mode", "sample", "--ckpt", ckpt, *args), match)
 

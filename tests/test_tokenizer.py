@@ -1,6 +1,6 @@
 import pytest
 
-from production.tokenizer import get_tokenizer
+from production.data.tokenizer import get_tokenizer
 
 SAMPLES = [
     "hello world",

@@ -6,14 +6,17 @@ import sys
 
 import torch
 
-from conftest import REPO, TINY, run_main
-from production.attention import cache_widths
-from production.config import resolve_model
-from production.decode_plan import plan_decode
-from production.kvcache import fill_random, parse_policy
-from production.model import GPT
-from production.policy_search import GuardLimits, candidate_policies, guard_metrics, search_policy
-from production.tuner import DecisionStore
+from conftest import REPO, TINY, call, run_main
+from production.cache.kvcache import fill_random
+from production.cache.policy import parse_policy
+from production.config.resolve import resolve_model
+from production.config.sampling import GuardLimits
+from production.model.attention import cache_widths
+from production.model.gpt import GPT
+from production.tune.__main__ import main as tune_main
+from production.tune.decode import plan_decode
+from production.tune.policy import candidate_policies, guard_metrics, search_policy
+from production.tune.store import DecisionStore
 
 
 def test_guard_metrics_match_hand_computation():
@@ -68,8 +71,10 @@ def test_search_rejects_a_failing_policy_and_chooses_a_passing_one():
 
 def test_concurrent_writers_keep_every_entry(tmp_path):
     store = tmp_path / "tuner.json"
-    script = ("import sys; from production.tuner import DecisionStore; s = DecisionStore(sys.argv[1]); "
-              "[s.put('train', 'dev', sys.argv[2], {'i': i}, {'v': i}) for i in range(40)]")  # fmt: skip
+    script = (
+        "import sys; from production.tune.store import DecisionStore; s = DecisionStore(sys.argv[1]); "
+        "[s.put('train', 'dev', sys.argv[2], {'i': i}, {'v': i}) for i in range(40)]"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", script, str(store), f"writer{w}"], cwd=REPO) for w in range(3)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     entries = DecisionStore(store).entries()
@@ -89,8 +94,9 @@ def test_corrupt_store_is_set_aside_not_reused(tmp_path, capsys):
 
 def test_decode_plan_is_measured_then_remembered(tmp_path):
     model = GPT(resolve_model("nano", "paper_decoupled", {"n_layer": 1})).eval()
-    cache = model.new_cache(parse_policy("ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=16", list(cache_widths(model.cfg))),
-                            1, 3000)  # fmt: skip
+    cache = model.new_cache(
+        parse_policy("ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=16", list(cache_widths(model.cfg))), 1, 3000
+    )
     fill_random(cache, 2500, torch.Generator().manual_seed(0))
     store = DecisionStore(tmp_path / "t.json")
     first = plan_decode(cache, 4, 4, "cpu", "cpu:test", store)
@@ -105,11 +111,37 @@ def test_decode_plan_is_measured_then_remembered(tmp_path):
 
 def test_sample_auto_searches_then_hits_the_store_and_show_lists_it(tmp_path, token_file):
     out, store = tmp_path / "run", tmp_path / "tuner.json"
-    proc = run_main("--mode", "train", *TINY, "--data", token_file, "--out-dir", out, "--steps", "2", "--eval-iters",
-                    "1", "--tuner-store", store)  # fmt: skip
+    proc = run_main(
+        "--mode",
+        "train",
+        *TINY,
+        "--data",
+        token_file,
+        "--out-dir",
+        out,
+        "--steps",
+        "2",
+        "--eval-iters",
+        "1",
+        "--tuner-store",
+        store,
+    )
     assert proc.returncode == 0, proc.stderr
-    args = ["--mode", "sample", "--ckpt", out / "best.pt", "--prompt-tokens", "5 6 7 8", "--max-new-tokens", "4",
-            "--json", "--tuner-store", store, "--device", "cpu"]  # fmt: skip
+    args = [
+        "--mode",
+        "sample",
+        "--ckpt",
+        out / "best.pt",
+        "--prompt-tokens",
+        "5 6 7 8",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "--tuner-store",
+        store,
+        "--device",
+        "cpu",
+    ]
     first = run_main(*args)
     assert first.returncode == 0, first.stderr
     a = json.loads(first.stdout)
@@ -121,11 +153,9 @@ def test_sample_auto_searches_then_hits_the_store_and_show_lists_it(tmp_path, to
     assert b["tuner"]["source"] == "store" and b["tuner"]["policy"] == a["tuner"]["policy"]
     strict = json.loads(run_main(*args, "--guard-max-logit", "0.0001").stdout)  # other limits: another decision
     assert strict["tuner"]["source"] == "search"
-    show = subprocess.run([sys.executable, "-m", "production.tuner", "show", "--store", store], cwd=REPO,
-                          capture_output=True, text=True)  # fmt: skip
+    show = call(tune_main, "show", "--store", store)
     assert show.returncode == 0 and "policy" in show.stdout and "train" in show.stdout
-    clear = subprocess.run([sys.executable, "-m", "production.tuner", "clear", "--store", store], cwd=REPO,
-                           capture_output=True, text=True)  # fmt: skip
+    clear = call(tune_main, "clear", "--store", store)
     assert clear.returncode == 0 and re.search(r"cleared \d+ decision", clear.stdout)
     assert DecisionStore(store).entries() == {}
 
@@ -135,8 +165,21 @@ def test_training_logs_tuner_decisions_and_reuses_them(tmp_path, token_file):
     events = []
     for i in range(2):
         out = tmp_path / f"run{i}"
-        proc = run_main("--mode", "train", *TINY, "--data", token_file, "--out-dir", out, "--steps", "1",
-                        "--eval-iters", "1", "--tuner-store", store)  # fmt: skip
+        proc = run_main(
+            "--mode",
+            "train",
+            *TINY,
+            "--data",
+            token_file,
+            "--out-dir",
+            out,
+            "--steps",
+            "1",
+            "--eval-iters",
+            "1",
+            "--tuner-store",
+            store,
+        )
         assert proc.returncode == 0, proc.stderr
         rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
         events.append({e["decision"]: e for e in rows if e["type"] == "tuner"})
@@ -148,10 +191,13 @@ def test_training_logs_tuner_decisions_and_reuses_them(tmp_path, token_file):
 
 
 def test_no_environment_variable_changes_behaviour():
-    # production/distributed.py reads torchrun's launch contract (RANK, WORLD_SIZE, LOCAL_RANK) and nothing else
-    dist = (REPO / "production" / "distributed.py").read_text()
-    assert set(re.findall(r'os\.environ(?:\.get)?\(?\[?"(\w+)"', dist)) == {"RANK", "WORLD_SIZE", "LOCAL_RANK"}
-    code = "\n".join(p.read_text() for p in (REPO / "production").glob("*.py") if p.name != "distributed.py")
-    code += "\n".join((REPO / f).read_text() for f in ("main.py", "prepare_fineweb.py", "run_paper_manifest.py",
-                                                        "generate_paper_figures.py"))  # fmt: skip
+    # production/core/launch.py reads torchrun's launch contract (RANK, WORLD_SIZE, LOCAL_RANK) and nothing else
+    launch = REPO / "production" / "core" / "launch.py"
+    found = re.findall(r'os\.environ(?:\.get)?\(?\[?"(\w+)"', launch.read_text())
+    assert set(found) == {"RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    code = "\n".join(p.read_text() for p in (REPO / "production").rglob("*.py") if p != launch)
+    code += "\n".join(
+        (REPO / f).read_text()
+        for f in ("main.py", "prepare_fineweb.py", "run_paper_manifest.py", "generate_paper_figures.py")
+    )
     assert not re.search(r"os\.environ|getenv\(", code)

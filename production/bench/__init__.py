@@ -1,0 +1,3 @@
+"""Benchmarks, each a command that measures one thing in one process: the training step by attention mode
+(train), decode steps by context and cache policy (decode), KV-cache memory at 128k (memory, behind
+production/bench_end_to_end_memory.py) and data preparation (prepare)."""

@@ -1,0 +1,100 @@
+"""`main.py --mode sample`: load a checkpoint, encode the prompt, choose the cache policy, generate, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from production.cache.policy import parse_policy
+from production.config.fields import with_defaults
+from production.config.sampling import GuardLimits, SamplingConfig
+from production.core.errors import UserError
+from production.core.runtime import device_signature, resolve_runtime
+from production.data.tokenizer import get_tokenizer
+from production.model.attention import cache_widths
+from production.sample.generate import generate
+from production.sample.prompt import prompt_ids
+from production.train.checkpoint import load_model
+from production.tune.auto import AutoRequest, auto_policy
+from production.tune.decode import plan_decode
+from production.tune.store import DecisionStore
+
+TUNER_KEYS = (
+    "source",
+    "policy",
+    "bytes",
+    "fp16_bytes",
+    "guard",
+    "limits",
+    "candidates_tried",
+    "seconds",
+    "counterfactuals",
+    "calibration",
+)
+
+
+def run(values: dict, argv: list[str]) -> int:
+    v = with_defaults(values)
+    if v["ckpt"] is None:
+        raise UserError("--mode sample needs --ckpt runs/<id>/best.pt")
+    options = ("max_new_tokens", "temperature", "top_k", "greedy", "seed")
+    cfg = SamplingConfig(**{k: v[k] for k in options if v[k] is not None})
+    runtime = resolve_runtime(v["device"], v["dtype"], compile=False)
+    ckpt_path = Path(v["ckpt"])
+    model, ckpt = load_model(ckpt_path, runtime.device)
+    tokenizer = get_tokenizer()
+    ids = prompt_ids(v["prompt"], v["prompt_tokens"], tokenizer, model.cfg.vocab_size)
+    max_seq = model.cfg.block_size if v["max_seq"] is None else v["max_seq"]
+    if max_seq < 1:
+        raise UserError(f"--max-seq must be positive, got {max_seq}")
+    if len(ids) + cfg.max_new_tokens > max_seq:
+        raise UserError(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds max_seq "
+            f"{max_seq}; shorten them or raise --max-seq"
+        )
+    store = DecisionStore(v["tuner_store"])
+    policy_text, tuner = v["kv_policy"], None
+    if policy_text == "auto":
+        limits = GuardLimits(v["guard_max_logit"], v["guard_nll"], v["guard_ppl"])
+        request = AutoRequest(limits, v["max_cache_bytes"], v["tuner_max_candidates"], max_seq, v["cache_dir"])
+        policy_text, tuner = auto_policy(model, ckpt_path, ckpt, ids, request, runtime, store)
+        print(
+            f"kv-policy auto: {policy_text} ({tuner['source']}, {tuner['candidates_tried']} candidates judged, "
+            f"max|dlogit| {tuner['guard']['max_abs_logit']:.3f}, dNLL {tuner['guard']['delta_nll']:+.4f})",
+            file=sys.stderr,
+        )
+    policy = None if policy_text == "none" else parse_policy(policy_text, list(cache_widths(model.cfg)))
+
+    def on_prefill(cache):
+        sig = device_signature(runtime.device)
+        return plan_decode(cache, model.cfg.n_head, model.cfg.kv_heads, runtime.device, sig, store)
+
+    result = generate(model, torch.tensor([ids]), cfg, policy, max_seq, runtime.autocast, on_prefill)
+    new_ids = result["ids"][0].tolist()
+    text = tokenizer.decode(new_ids)
+    if not v["json"]:
+        print(tokenizer.decode(ids) + text)
+        return 0
+    report = {
+        "prompt_ids": ids,
+        "generated_ids": new_ids,
+        "prompt_text": tokenizer.decode(ids),
+        "text": text,
+        "kv_policy": "none" if policy is None else str(policy),
+        "cache_bytes": result["cache_bytes"],
+        "ms_per_token": result["ms_per_token"],
+        "prefill_ms": result["prefill_ms"],
+        "max_seq": max_seq,
+        "device": runtime.device,
+        "dtype": runtime.dtype,
+        "ckpt": str(ckpt_path),
+        "ckpt_step": ckpt["step"],
+        "decode_plan": result["decode_plan"],
+    }
+    if tuner is not None:
+        report["tuner"] = {k: tuner[k] for k in TUNER_KEYS}
+    print(json.dumps(report))
+    return 0

@@ -1,0 +1,117 @@
+"""`main.py --mode train`: options -> ResolvedRun -> data -> run directory -> the training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from production.config.fields import BY_NAME, RESOLVED_SECTIONS, with_defaults
+from production.config.resolve import ResolvedRun, resolve
+from production.core.atomic import write_json
+from production.core.errors import UserError
+from production.core.layout import RunDir, default_run_dir
+from production.data.splits import TokenSplits, load_splits
+from production.train.checkpoint import check_resumable, load_checkpoint
+from production.train.distributed import DistContext, barrier, init_distributed, shutdown
+from production.train.loop import Job, train
+from production.tune.store import DecisionStore
+
+
+def run(values: dict, argv: list[str]) -> int:
+    """Validate everything (on every rank of a torchrun job), then rank 0 writes and all ranks train."""
+    v = with_defaults(values)
+    overrides = {k: x for k, x in v.items() if BY_NAME[k].section in RESOLVED_SECTIONS}
+    resolved = resolve(v["size"], v["exp"], overrides)
+    ctx, device = init_distributed(v["dist"], resolved.runtime.device)
+    resolved = dataclasses.replace(resolved, runtime=dataclasses.replace(resolved.runtime, device=device))
+    try:
+        return _run(v, argv, resolved, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run(v: dict, argv: list[str], resolved: ResolvedRun, ctx: DistContext) -> int:
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    batch = resolved.train.batch_size * resolved.train.grad_accum
+    if ctx.active and batch % ctx.world_size:
+        raise UserError(
+            f"the global batch ({resolved.train.batch_size} x {resolved.train.grad_accum} windows) does not divide "
+            f"over {ctx.world_size} ranks; choose --batch-size/--grad-accum whose product is a multiple of "
+            f"{ctx.world_size}"
+        )
+    record = resolved.to_dict()
+    record["runtime"] = {**resolved.runtime.to_dict(), "world_size": ctx.world_size, "dist": ctx.strategy}
+    splits = load_splits(v["data"], v["cache_dir"], resolved.model.block_size, resolved.model.vocab_size)
+    record["data"] = splits.info
+    out_dir = v["out_dir"] or default_run_dir(resolved.size, resolved.exp, resolved.train.seed)
+    run = RunDir(Path(out_dir))
+    resume = find_resume(v, run, record)
+    if resume is not None and resume[1]["step"] >= resolved.train.steps:
+        say(f"{resume[0]} is already at step {resume[1]['step']} of {resolved.train.steps}: nothing to train")
+        return 0
+    check_stop_at(v["stop_at"], resume)
+    barrier(ctx)  # every rank has checked the run directory before rank 0 writes into it
+    record["out_dir"] = str(out_dir)
+    if ctx.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_json(run.resolved_config, record)
+    describe(resolved, record["model"]["n_params"], splits, run, ctx, say)
+    if resolved.train.steps == 0:
+        say(f"--steps 0: wrote {run.resolved_config}; nothing trained")
+        return 0
+    barrier(ctx)
+    job = Job(
+        record,
+        resolved.model,
+        resolved.train,
+        resolved.runtime,
+        splits,
+        run,
+        argv,
+        resume,
+        v["stop_at"],
+        DecisionStore(v["tuner_store"]),
+        ctx,
+    )
+    summary = train(job)
+    if summary["done"]:
+        say(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}; checkpoints in {out_dir}")
+    return 0
+
+
+def find_resume(v: dict, run: RunDir, record: dict) -> tuple[Path, dict] | None:
+    """(path, checkpoint) to resume from, checked against the resolved config; None for a fresh run, which must
+    not find an earlier run in its directory."""
+    if not (v["resume"] or v["resume_path"]):
+        if run.has_run():
+            raise UserError(f"{run.path} already holds a run; pass --resume to continue it, or --out-dir for a new one")
+        return None
+    path = v["resume_path"] or run.last
+    if not path.exists():
+        raise UserError(f"nothing to resume: {path} does not exist (start without --resume)")
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, record, path)
+    return path, ckpt
+
+
+def check_stop_at(stop_at: int | None, resume: tuple[Path, dict] | None) -> None:
+    if stop_at is not None and stop_at < 1:
+        raise UserError(f"--stop-at must be a positive step, got {stop_at}")
+    if resume is not None and stop_at is not None and stop_at <= resume[1]["step"]:
+        raise UserError(f"--stop-at {stop_at} is not past the checkpoint's step {resume[1]['step']}")
+
+
+def describe(resolved: ResolvedRun, n_params: int, splits: TokenSplits, run: RunDir, ctx: DistContext, say) -> None:
+    """Three lines: the model, the data, where and how it runs."""
+    m, d, r = resolved.model, splits.info, resolved.runtime
+    say(
+        f"model: {m.attn_mode} d_model={m.d_model} n_layer={m.n_layer} n_head={m.n_head} attn_dim={m.attn_dim} "
+        f"({n_params / 1e6:.2f}M params)"
+    )
+    say(
+        f"data: {d['source']} [{d['format']}], {d['n_tokens']:,} tokens "
+        f"(train {d['train_tokens']:,} / val {d['val_tokens']:,})"
+    )
+    compile_text = "auto (measured)" if r.compile is None else r.compile
+    where = f"; {ctx.strategy} over {ctx.world_size} ranks" if ctx.active else ""
+    say(f"runtime: {r.device} {r.dtype} compile={compile_text}{where}; run dir {run.path}")

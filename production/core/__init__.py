@@ -1,0 +1,1 @@
+"""Facts and helpers every layer shares; nothing here imports another production package."""

@@ -1,0 +1,32 @@
+"""Files written so that readers and interrupted runs never see half of them: a temp file, then a rename.
+
+`atomic_path(path)` is the one mechanism; `write_text` and `write_json` are its common uses, and binary
+writers (torch.save, np.save) write to the temp path it yields.
+"""
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temp path beside `path`; on success the temp file replaces `path`, on failure it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,119 @@
+"""Where the harness keeps its files: the run-directory layout, the event log, the default tuner store and the
+tokenized-corpus cache. Trainer, manifest runner, results and benchmarks all name run files through here.
+
+A run directory `runs/<id>/` holds:
+    resolved_config.json  every effective setting (written by the training process)
+    train.jsonl           the event log, one JSON object per line with `type`, `step`, `time`
+    last.pt / best.pt     the latest full training state / the lowest-validation-loss weights
+    command.txt, resolved_run.json, stdout.log   provenance written by the manifest runner
+    mem128k.json          the KV-cache memory report
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from production.core.atomic import write_text
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # where main.py is
+RUNS_ROOT = Path("runs")
+DEFAULT_TUNER_STORE = RUNS_ROOT / "tuner.json"
+CORPUS_CACHE_DIR = Path("~/.cache/dba")
+
+
+def default_run_dir(size: str, exp: str, seed: int) -> Path:
+    return RUNS_ROOT / f"{size}_{exp}_s{seed}"
+
+
+def default_mem128k_path(size: str, exp: str) -> Path:
+    """Where a preset's memory report goes when it names no checkpoint and no --out."""
+    return RUNS_ROOT / f"mem128k_{size}_{exp}.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.jsonl"
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.path / "resolved_config.json"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def command(self) -> Path:
+        return self.path / "command.txt"
+
+    @property
+    def provenance(self) -> Path:
+        return self.path / "resolved_run.json"
+
+    @property
+    def stdout(self) -> Path:
+        return self.path / "stdout.log"
+
+    @property
+    def mem128k(self) -> Path:
+        return self.path / "mem128k.json"
+
+    def has_run(self) -> bool:
+        return any(p.exists() for p in (self.log, self.last, self.best))
+
+    def events(self) -> list[dict]:
+        return read_events(self.log)
+
+    def state(self) -> str:
+        """finished (a `done` event), resumable (a last.pt), or fresh."""
+        if any(e["type"] == "done" for e in self.events()):
+            return "finished"
+        return "resumable" if self.last.exists() else "fresh"
+
+
+def read_events(log: Path) -> list[dict]:
+    """The events of a train.jsonl ([] when there is none). Raises json.JSONDecodeError on a corrupt line."""
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(log: Path, step: int) -> None:
+    """Drop events logged after `step`: they belong to the part of a run that a resume replays."""
+    if log.exists():
+        kept = [e for e in read_events(log) if e["step"] <= step]
+        write_text(log, "".join(json.dumps(e) + "\n" for e in kept))
+
+
+class EventLog:
+    """Appends one JSON object per line: {"type", "step", "time", ...}. Without a path (ranks other than 0 of a
+    distributed run) it writes nothing. A context manager, so every exit path closes the file."""
+
+    def __init__(self, path: Path | None):
+        self.file = None if path is None else open(path, "a", buffering=1)  # noqa: SIM115 (closed by close())
+
+    def write(self, type: str, step: int, **fields) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"type": type, "step": step, "time": round(time.time(), 3), **fields}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

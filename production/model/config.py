@@ -1,0 +1,104 @@
+"""The model's configuration: one validated dataclass. Presets and CLI overrides resolve into it in
+production.config; here only the architecture's own rules live (docs/ARCHITECTURE.md, "Attention variants")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+
+from production.core.errors import UserError
+from production.core.vocab import GPT2_VOCAB_SIZE
+
+ATTN_MODES = ("standard", "bottleneck", "decoupled", "gqa")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Fields that do not apply to a mode are None (sem_dim/geo_dim outside decoupled)."""
+
+    attn_mode: str
+    d_model: int
+    n_layer: int
+    n_head: int
+    d_ff: int
+    block_size: int
+    attn_dim: int  # total Q/K (and V) width across heads; d_model for standard and gqa
+    sem_dim: int | None
+    geo_dim: int | None
+    kv_heads: int
+    null_attn: bool
+    tie_qk: bool
+    rope: bool
+    rope_base: float = 10000.0
+    vocab_size: int = GPT2_VOCAB_SIZE
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.attn_mode not in ATTN_MODES:
+            raise UserError(f"unknown attn_mode {self.attn_mode!r}; valid: {', '.join(ATTN_MODES)}")
+        for name in ("d_model", "n_layer", "n_head", "d_ff", "block_size", "attn_dim", "kv_heads", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        H = self.n_head
+        if self.d_model % H:
+            raise UserError(f"n_head={H} does not divide d_model={self.d_model}; pick a divisor of d_model")
+        if self.attn_dim % H:
+            raise UserError(f"n_head={H} does not divide attn_dim={self.attn_dim}")
+        if self.attn_mode in ("standard", "gqa") and self.attn_dim != self.d_model:
+            raise UserError(
+                f"{self.attn_mode} attention has attn_dim = d_model = {self.d_model}, "
+                f"got {self.attn_dim}; use --exp paper_bottleneck for a narrower attention"
+            )
+        if self.attn_mode == "decoupled":
+            if self.sem_dim is None or self.geo_dim is None or self.sem_dim < 1 or self.geo_dim < 1:
+                raise UserError("decoupled attention needs positive sem_dim and geo_dim")
+            if self.sem_dim + self.geo_dim != self.attn_dim:
+                raise UserError(
+                    f"decoupled attention needs attn_dim = sem_dim + geo_dim, got "
+                    f"{self.attn_dim} != {self.sem_dim} + {self.geo_dim}"
+                )
+            if self.sem_dim % H or self.geo_dim % H:
+                raise UserError(f"n_head={H} must divide sem_dim={self.sem_dim} and geo_dim={self.geo_dim}")
+        elif self.sem_dim is not None or self.geo_dim is not None:
+            raise UserError(f"sem_dim/geo_dim apply to decoupled attention only, not {self.attn_mode}")
+        if self.attn_mode == "gqa":
+            if H % self.kv_heads:
+                raise UserError(f"kv_heads={self.kv_heads} must divide n_head={H}")
+            if self.tie_qk and self.kv_heads != H:
+                raise UserError("tie_qk needs K as wide as Q; gqa with kv_heads < n_head cannot tie them")
+        elif self.kv_heads != H:
+            raise UserError(f"kv_heads applies to gqa only; {self.attn_mode} uses kv_heads = n_head = {H}")
+        if self.rope and self.rope_dim % 2:
+            raise UserError(f"RoPE needs an even rotated head dim, got {self.rope_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of Q, K and V (the concatenated sem+geo width in decoupled mode)."""
+        return self.attn_dim // self.n_head
+
+    @property
+    def rope_dim(self) -> int:
+        """Per-head width that RoPE rotates: the geometric part in decoupled mode, the full head elsewhere."""
+        if self.attn_mode == "decoupled":
+            return self.geo_dim // self.n_head
+        return self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def standard_counterpart(cfg: ModelConfig) -> ModelConfig:
+    """Standard attention with the same d_model, depth, heads and MLP: the architecture-only baseline."""
+    return dataclasses.replace(
+        cfg,
+        attn_mode="standard",
+        attn_dim=cfg.d_model,
+        sem_dim=None,
+        geo_dim=None,
+        kv_heads=cfg.n_head,
+        null_attn=False,
+        tie_qk=False,
+        rope=True,
+    )

@@ -1,0 +1,124 @@
+"""GPT-2-style decoder with pluggable attention (docs/ARCHITECTURE.md, "Model").
+
+Pre-LayerNorm blocks, no learned positional embedding (position comes only from RoPE), bias-free linears,
+GELU MLP, token embedding tied to the output head, init N(0, 0.02) with residual output projections scaled
+by 1/sqrt(2 n_layer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from production.cache.kvcache import DEFAULT_CHUNK_TOKENS, KVCache
+from production.cache.policy import KVPolicy
+from production.model.attention import build_attention, cache_widths
+from production.model.config import ModelConfig
+from production.model.rope import Rotary
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = build_attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), rope, cache))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # sparse lookup gradient: it is added into the head's dense gradient of the same (tied) weight, which
+        # skips zero-filling and adding a second vocab x d_model buffer every step (~8% of a CPU step at small)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, sparse=True)
+        self.rotary = Rotary(cfg.rope_dim, cfg.rope_base, cfg.block_size) if cfg.rope else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_out = name.endswith(("attn.o", "mlp.proj"))
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else 0.02)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if name.endswith(("null_k", "null_v")):
+                nn.init.zeros_(p)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ):
+        """idx (B, T) token ids; targets (B, T) or None. With a cache, idx continues the cached sequence (its
+        positions start at cache.length) and its K/V are appended. last_only: logits for the last position only.
+        Returns logits (B, T or 1, vocab) and the mean cross-entropy (None without targets)."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        rope = self.rotary(start, T) if self.rotary is not None else None
+        x = self.drop(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache.layers[i])
+        if last_only:
+            x = x[:, -1:]
+        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head: (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    def new_cache(
+        self, policy: KVPolicy, batch: int, max_seq: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, impl: str = "auto"
+    ) -> KVCache:
+        """An empty cache for `batch` sequences of up to max_seq tokens, on the model's device; decode reads it
+        `chunk_tokens` at a time with matmul strategy `impl` (production.cache.attend)."""
+        device = self.wte.weight.device
+        widths = cache_widths(self.cfg)
+        return KVCache(policy, widths, self.cfg.n_layer, batch, max_seq, device, chunk_tokens, impl)
+
+    def num_params(self) -> int:
+        """Unique parameters (the tied head and tied Q/K count once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward): 2 per weight of every matmul that
+        touches the token, plus attention scores and weighted sum at an average causal length seq_len/2."""
+        cfg = self.cfg
+        matmul_weights = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and "null" not in n)
+        attn = cfg.n_layer * 2 * (cfg.attn_dim + cfg.attn_dim) * (seq_len / 2)  # QK^T and PV, per token
+        return int(3 * (2 * matmul_weights + attn))
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameter count without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        return GPT(cfg).num_params()

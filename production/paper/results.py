@@ -1,0 +1,227 @@
+"""Run artifacts -> the numbers of the paper (`assets/paper_results.json`).
+
+Reads only the runs a manifest names: `runs/<id>/train.jsonl` (meta, eval, train, done events) and
+`runs/<id>/mem128k.json`. A missing or malformed run is an error naming its id and what is missing, unless
+`partial` is set, in which case the run is kept with `status` "missing" or "incomplete" and a `missing` list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+from scipy import stats
+
+from production.core.errors import UserError
+from production.core.layout import RunDir, read_events
+
+CORE_EXPS = ("paper_baseline", "paper_bottleneck", "paper_decoupled", "paper_gqa")
+
+
+def variant_of(run_id: str) -> str:
+    """Runs that differ only by seed share a variant: the id without its `_s<seed>` suffix."""
+    return re.sub(r"_s\d+$", "", run_id)
+
+
+def read_jsonl(path: Path, run_id: str) -> list[dict]:
+    try:
+        return read_events(path)
+    except json.JSONDecodeError as e:
+        raise UserError(f"run {run_id}: {path} is not valid JSON lines ({e})") from e
+
+
+def collect_run(spec: dict, group: dict, runs_dir: Path, partial: bool) -> dict:
+    """One run's numbers from its directory."""
+    run_id, run = spec["id"], RunDir(runs_dir / spec["id"])
+    row = {"id": run_id, "group": group["name"], "variant": variant_of(run_id), "exp": spec["exp"]}
+    row.update(size=spec["size"], seed=spec["seed"], steps=spec["steps"], status="ok", missing=[])
+
+    def absent(what: str, status: str = "incomplete") -> None:
+        if not partial:
+            raise UserError(f"run {run_id}: {what} (run it with run_paper_manifest.py, or pass --partial)")
+        row["missing"].append(what)
+        if row["status"] == "ok":
+            row["status"] = status
+
+    log = run.log
+    if not log.exists():
+        absent(f"no {log}", status="missing")
+        return row
+    events = read_jsonl(log, run_id)
+    metas = [e for e in events if e["type"] in ("meta", "resume_meta")]
+    evals = [e for e in events if e["type"] == "eval"]
+    done = [e for e in events if e["type"] == "done"]
+    trains = [e for e in events if e["type"] == "train"]
+    if not metas or not evals:
+        absent(f"{log} has no meta or eval events")
+        return row
+    if not done:
+        absent(f"{log} has no done event (unfinished)")
+    model = metas[-1]["config"]["model"]
+    row.update(
+        {
+            "n_params": metas[-1]["n_params"],
+            "attn_mode": model["attn_mode"],
+            "d_model": model["d_model"],
+            "n_layer": model["n_layer"],
+            "n_head": model["n_head"],
+            "attn_dim": model["attn_dim"],
+            "sem_dim": model["sem_dim"],
+            "geo_dim": model["geo_dim"],
+            "kv_heads": model["kv_heads"],
+            "null_attn": model["null_attn"],
+            "tie_qk": model["tie_qk"],
+            "rope": model["rope"],
+            "best_val_loss": done[-1]["best_val_loss"] if done else min(e["val_loss"] for e in evals),
+            "final_val_loss": evals[-1]["val_loss"],
+            "final_step": evals[-1]["step"],
+            "tokens_seen": trains[-1]["tokens_seen"] if trains else 0,
+            "curve": [[e["step"], e["val_loss"]] for e in evals],
+        }
+    )
+    row["best_val_ppl"] = math.exp(row["best_val_loss"])
+    row["final_val_ppl"] = math.exp(row["final_val_loss"])
+    mem_path = run.mem128k
+    if not mem_path.exists():
+        absent(f"no {mem_path} (run_paper_manifest.py --post-mem128k)")
+        return row
+    try:
+        mem = json.loads(mem_path.read_text())
+        row["kv"] = kv_numbers(mem)
+    except (json.JSONDecodeError, KeyError) as e:
+        absent(f"{mem_path} is malformed ({type(e).__name__}: {e})")
+    return row
+
+
+def kv_numbers(mem: dict) -> dict:
+    """KV bytes at the measured context: the run's policy, its fp16 cache, and ratios where decomposed."""
+    out = {
+        "context_len": mem["context_len"],
+        "policy": mem["policy"],
+        "bytes": mem["measured_bytes"],
+        "fp16_bytes": mem["measured_bytes"] if mem["policy"] == "fp16" else None,
+        "standard_fp16_bytes": None,
+        "ratios": None,
+    }
+    d = mem.get("decomposition")
+    if d is not None:
+        out["fp16_bytes"] = d["decoupled_fp16"]["measured_bytes"]
+        out["standard_fp16_bytes"] = d["standard_fp16"]["measured_bytes"]
+        out["ratios"] = {k: v["measured"] for k, v in d["ratios"].items()}
+    elif mem["model"]["attn_mode"] == "standard" and mem["policy"] == "fp16":
+        out["standard_fp16_bytes"] = mem["measured_bytes"]
+    return out
+
+
+def mean_std(values: list[float]) -> dict:
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) >= 2 else None,
+    }
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per variant: n, mean and std of best and final val loss over the runs that have them."""
+    variants: dict[str, list[dict]] = {}
+    for r in rows:
+        variants.setdefault(r["variant"], []).append(r)
+    out = []
+    for name, members in variants.items():
+        have = [r for r in members if "best_val_loss" in r]
+        first = members[0]
+        agg = {
+            "variant": name,
+            "group": first["group"],
+            "exp": first["exp"],
+            "size": first["size"],
+            "steps": first["steps"],
+            "runs": [r["id"] for r in members],
+            "runs_with_results": [r["id"] for r in have],
+            "best_val_loss": mean_std([r["best_val_loss"] for r in have]),
+            "final_val_loss": mean_std([r["final_val_loss"] for r in have]),
+        }
+        ref = next((r for r in have if "attn_mode" in r), None)
+        if ref is not None:
+            agg.update(
+                {
+                    k: ref[k]
+                    for k in (
+                        "attn_mode",
+                        "n_params",
+                        "d_model",
+                        "n_layer",
+                        "attn_dim",
+                        "sem_dim",
+                        "geo_dim",
+                        "kv_heads",
+                        "null_attn",
+                        "tie_qk",
+                        "rope",
+                    )
+                }
+            )
+        kv = next((r["kv"] for r in members if "kv" in r), None)
+        agg["kv"] = kv
+        out.append(agg)
+    return out
+
+
+def comparisons(aggs: list[dict], rows: list[dict]) -> list[dict]:
+    """Each non-baseline variant against the paper_baseline variant of its group with the same steps: the
+    difference of mean best val loss, and Welch's t-test p-value when both sides have n >= 2."""
+    out = []
+    for a in aggs:
+        if a["exp"].startswith("paper_baseline") or a["best_val_loss"]["n"] == 0:
+            continue
+        base = next(
+            (
+                b
+                for b in aggs
+                if b["exp"] == "paper_baseline"
+                and b["group"] == a["group"]
+                and b["steps"] == a["steps"]
+                and b["best_val_loss"]["n"] > 0
+            ),
+            None,
+        )
+        if base is None:
+            continue
+        x = [r["best_val_loss"] for r in rows if r["variant"] == a["variant"] and "best_val_loss" in r]
+        y = [r["best_val_loss"] for r in rows if r["variant"] == base["variant"] and "best_val_loss" in r]
+        p = float(stats.ttest_ind(x, y, equal_var=False).pvalue) if len(x) >= 2 and len(y) >= 2 else None
+        out.append(
+            {
+                "variant": a["variant"],
+                "baseline": base["variant"],
+                "n": len(x),
+                "n_baseline": len(y),
+                "diff_best_val_loss": statistics.fmean(x) - statistics.fmean(y),
+                "welch_p": p,
+            }
+        )
+    return out
+
+
+def collect(manifest: dict, groups: list[dict], runs_dir: Path, partial: bool) -> dict:
+    rows = [collect_run(spec, g, runs_dir, partial) for g in groups for spec in g["runs"]]
+    aggs = aggregate(rows)
+    return {
+        "groups": [
+            {
+                "name": g["name"],
+                "description": g.get("description", ""),
+                "table": g.get("table", "main"),
+                "data": g.get("data"),
+            }
+            for g in groups
+        ],
+        "runs": rows,
+        "variants": aggs,
+        "comparisons": comparisons(aggs, rows),
+        "partial": partial,
+        "missing_runs": [r["id"] for r in rows if r["status"] != "ok"],
+    }

@@ -1,0 +1,137 @@
+"""Executing manifest runs: provenance, skip / resume / fresh decisions, live training subprocesses, the
+optional memory benchmark, and the final status table. The training process owns resolved_config.json (and
+reads the data once); the runner writes only command.txt and resolved_run.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from production.core.atomic import write_json, write_text
+from production.core.errors import UserError
+from production.core.layout import REPO_ROOT, RunDir
+from production.core.runtime import environment, resolve_runtime
+from production.paper.manifest import RunPlan
+
+MEM128K_SCRIPT = "production/bench_end_to_end_memory.py"
+
+
+@dataclass
+class RunResult:
+    id: str
+    status: str  # done | skipped | resumed | failed
+    best_val_loss: float | None = None
+    wall_s: float = 0.0
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_provenance(
+    plan: RunPlan, run: RunDir, command: str, manifest_path: Path, manifest_sha: str, device: str
+) -> dict:
+    """command.txt and resolved_run.json, before anything trains."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    write_text(run.command, command + "\n")
+    env = environment(resolve_runtime(device).device)
+    record = {
+        "id": plan.id,
+        "group": plan.group,
+        "manifest": str(manifest_path),
+        "manifest_sha256": manifest_sha,
+        "spec": plan.spec,
+        "git_commit": env["git_commit"],
+        "git_dirty": env["git_dirty"],
+        "python": env["python"],
+        "torch": env["torch"],
+        "device": env["device"],
+        "device_name": env["device_name"],
+        "command": command,
+        "started": now(),
+    }
+    write_json(run.provenance, record)
+    return record
+
+
+def stream(command: list[str], prefix: str, log_path: Path) -> tuple[int, str]:
+    """Run a command from the repo root, echoing its output live (prefixed) and into log_path.
+    Returns the exit status and its last `error:` line (or last line)."""
+    last_error, last = "", ""
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(
+            command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        for line in proc.stdout:
+            sys.stdout.write(f"[{prefix}] {line}")
+            sys.stdout.flush()
+            log.write(line)
+            if line.strip():
+                last = line.strip()
+                if line.startswith("error:"):
+                    last_error = line.strip()
+        proc.wait()
+    return proc.returncode, last_error or last
+
+
+def run_one(
+    plan: RunPlan, runs_dir: Path, manifest_path: Path, manifest_sha: str, device: str, post_mem128k: bool
+) -> RunResult:
+    run = RunDir(runs_dir / plan.id)
+    t0 = time.time()
+    state = run.state()
+    result = RunResult(plan.id, {"finished": "skipped", "resumable": "resumed", "fresh": "done"}[state])
+    if state != "finished":
+        if state == "fresh" and run.log.exists():  # an attempt died before its first checkpoint: set its log aside
+            stale = run.path / f"{run.log.name}.failed-{int(time.time())}"
+            run.log.rename(stale)
+            result.notes.append(f"moved a log without checkpoint to {stale.name}")
+        extra = ["--resume"] if state == "resumable" else []
+        write_provenance(plan, run, plan.command_text(extra), manifest_path, manifest_sha, device)
+        code, last = stream(plan.command(extra), plan.id, run.stdout)
+        if code != 0:
+            result.status, result.reason = "failed", f"main.py exited {code}: {last}"
+    done = [e for e in run.events() if e["type"] == "done"]
+    if done:
+        result.best_val_loss = done[-1]["best_val_loss"]
+    elif result.status != "failed":
+        result.status, result.reason = "failed", "training ended without a done event"
+    if post_mem128k and done and not run.mem128k.exists():
+        command = [sys.executable, MEM128K_SCRIPT, "--ckpt", str(run.best), "--device", device]
+        if plan.resolved["model"]["attn_mode"] == "decoupled":
+            command.append("--decompose")
+        code, last = stream(command, f"{plan.id} mem128k", run.stdout)
+        if code != 0:
+            result.status, result.reason = "failed", f"mem128k exited {code}: {last}"
+    if run.provenance.exists() and result.status != "skipped":
+        record = json.loads(run.provenance.read_text())
+        record.update(finished=now(), status=result.status, reason=result.reason or None)
+        write_json(run.provenance, record)
+    result.wall_s = time.time() - t0
+    return result
+
+
+def check_data(plans: list[RunPlan]) -> None:
+    for plan in plans:
+        if plan.data and not Path(plan.data).exists():
+            raise UserError(
+                f"group {plan.group} trains on {plan.data}, which does not exist; create it with "
+                f"`python prepare_fineweb.py --output {plan.data} --tokens ...`"
+            )
+
+
+def table(results: list[RunResult]) -> str:
+    width = max(len(r.id) for r in results)
+    lines = [f"{'run':<{width}}  {'status':<8}  {'best val':>8}  {'wall':>7}  note"]
+    for r in results:
+        best = "-" if r.best_val_loss is None else f"{r.best_val_loss:.4f}"
+        note = r.reason or "; ".join(r.notes)
+        lines.append(f"{r.id:<{width}}  {r.status:<8}  {best:>8}  {r.wall_s:>6.0f}s  {note}")
+    return "\n".join(lines)

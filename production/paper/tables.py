@@ -1,0 +1,101 @@
+"""Paper tables (booktabs) and the number macros paper.tex cites, so the text never carries a hand-copied
+result."""
+
+from __future__ import annotations
+
+from production.paper.labels import common_steps, fmt_bytes, label, short_policy
+from production.paper.results import CORE_EXPS
+
+
+def tex_escape(text: str) -> str:
+    return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&").replace("#", r"\#")
+
+
+def attention_dims(a: dict) -> str:
+    mode = a.get("attn_mode")
+    if mode == "decoupled":
+        return f"{a['sem_dim']}+{a['geo_dim']}"
+    if mode == "gqa":
+        return f"{a['attn_dim']} ({a['kv_heads']} KV heads)"
+    return str(a["attn_dim"]) if mode else "--"
+
+
+def table(results: dict, which: str, caption: str, tex_label: str) -> str:
+    """booktabs table of the variants of the groups shown in table `which`."""
+    groups = [g["name"] for g in results["groups"] if g["table"] == which]
+    aggs = [a for a in results["variants"] if a["group"] in groups]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{{caption}}}",
+        rf"\label{{{tex_label}}}",
+        r"\begin{tabular}{llrlrll}",
+        r"\toprule",
+        r"Group & Variant & Params & Attention dims & Best val loss & KV @128k & Compression \\",
+        r"\midrule",
+    ]
+    if not aggs:
+        lines.append(r"\multicolumn{7}{c}{\emph{no runs of this table in the selected groups}} \\")
+    for g in groups:
+        members = [a for a in aggs if a["group"] == g]
+        if not members:
+            continue
+        steps = common_steps(members)
+        reference = next(
+            (a["kv"]["standard_fp16_bytes"] for a in members if a.get("kv") and a["kv"]["standard_fp16_bytes"]), None
+        )
+        for a in members:
+            best = a["best_val_loss"]
+            if best["n"] == 0:
+                loss = r"\emph{not run}"
+            elif best["std"] is None:
+                loss = f"{best['mean']:.3f} ({best['n']})"
+            else:
+                loss = f"{best['mean']:.3f} $\\pm$ {best['std']:.3f} ({best['n']})"
+            kv = a.get("kv")
+            kv_cell = "--" if kv is None else f"{fmt_bytes(kv['bytes'])} {short_policy(kv['policy'])}"
+            comp = "--" if kv is None or reference is None else f"{reference / kv['bytes']:.1f}$\\times$"
+            params = "--" if "n_params" not in a else f"{a['n_params'] / 1e6:.1f}M"
+            incomplete = len(a["runs_with_results"]) < len(a["runs"])
+            name = tex_escape(label(a, steps)) + (r"$^\dagger$" if incomplete else "")
+            lines.append(
+                f"{tex_escape(g)} & {name} & {params} & {attention_dims(a)} & {loss} & {kv_cell} & {comp} \\\\"
+            )
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if any(len(a["runs_with_results"]) < len(a["runs"]) for a in aggs):
+        lines.append(r"\\[2pt]{\footnotesize $^\dagger$ some runs of this variant are missing or unfinished.}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def number_macros(results: dict) -> str:
+    """\\newcommand definitions for the numbers paper.tex quotes; `n/a` where the selection lacks them."""
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    dec = next((a for a in results["variants"] if a.get("kv") and a["kv"]["ratios"]), None)
+    ratios = dec["kv"]["ratios"] if dec else {}
+    main = next((g["name"] for g in results["groups"] if g["table"] == "main"), None)
+    core = {
+        a["exp"]: a
+        for a in results["variants"]
+        if a["group"] == main and a["exp"] in CORE_EXPS and a["best_val_loss"]["n"]
+    }
+    best = {k: core[k]["best_val_loss"]["mean"] if k in core else None for k in CORE_EXPS}
+    macros = {
+        "DBAarch": fmt(ratios.get("arch"), ".2f"),
+        "DBAquant": fmt(ratios.get("quant"), ".2f"),
+        "DBAetoe": fmt(ratios.get("e2e"), ".1f"),
+        "DBAratioSize": dec["size"] if dec else "n/a",
+        "DBAcontext": f"{(dec['kv']['context_len'] if dec else 131072):,}".replace(",", "{,}"),
+        "DBAnumRuns": str(len(results["runs"])),
+        "DBAnumMissing": str(len(results["missing_runs"])),
+        "DBAgroups": tex_escape(", ".join(g["name"] for g in results["groups"])),
+        "DBAbestStandard": fmt(best["paper_baseline"], ".3f"),
+        "DBAbestBottleneck": fmt(best["paper_bottleneck"], ".3f"),
+        "DBAbestDecoupled": fmt(best["paper_decoupled"], ".3f"),
+        "DBAbestGQA": fmt(best["paper_gqa"], ".3f"),
+    }
+    return "".join(f"\\newcommand{{\\{k}}}{{{v}}}\n" for k, v in macros.items())

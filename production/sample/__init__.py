@@ -1,0 +1,1 @@
+"""Sampling: prompts, and generation through a KV cache (prefill, then one-token decode steps)."""

@@ -1,0 +1,1 @@
+"""Training: checkpoints, the optimizer and schedule, DDP/FSDP2 under torchrun, and the loop."""

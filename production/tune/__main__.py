@@ -1,0 +1,46 @@
+"""`python -m production.tune show|clear [--store runs/tuner.json]`: the tuner's stored decisions, one line each."""
+
+import sys
+from pathlib import Path
+
+from production.core.entry import Parser, command
+from production.core.layout import DEFAULT_TUNER_STORE
+from production.tune.store import DecisionStore
+
+
+def summarize(value: dict) -> str:
+    """One readable line per decision kind."""
+    if "policy" in value:
+        g = value.get("guard", {})
+        size = f"({value.get('bytes', 0) / 2**20:.1f} MiB)"
+        guard = f"max|dlogit| {g.get('max_abs_logit', float('nan')):.3f} dNLL {g.get('delta_nll', float('nan')):+.4f}"
+        return f"policy {value['policy']} {size} {guard}"
+    if "impl" in value:
+        return f"decode impl={value['impl']} chunk={value['chunk_tokens']} ({value.get('ms', 0):.2f} ms)"
+    return ", ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, dict | list))
+
+
+@command()
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m production.tune", description="Show or clear the tuner's stored decisions.")
+    p.add_argument("command", choices=["show", "clear"])
+    p.add_argument("--store", type=Path, default=DEFAULT_TUNER_STORE)
+    args = p.parse_args(argv)
+    store = DecisionStore(args.store)
+    if args.command == "clear":
+        print(f"cleared {store.clear()} decision(s) from {args.store}")
+        return 0
+    entries = store.entries()
+    if not entries:
+        print(f"{args.store}: no decisions stored")
+        return 0
+    print(f"{args.store}: {len(entries)} decision(s)")
+    print(f"{'kind':<7} {'device':<36} {'config':<16} {'shapes':<40} decision")
+    for e in sorted(entries.values(), key=lambda e: (e["kind"], e["device"], e["updated"])):
+        shapes = ",".join(f"{k}={v}" for k, v in e["shapes"].items())
+        print(f"{e['kind']:<7} {e['device'][:36]:<36} {e['config']:<16} {shapes[:40]:<40} {summarize(e['value'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

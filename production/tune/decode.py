@@ -1,0 +1,92 @@
+"""Decode plan: the fastest way to read this cache on this device, measured on the live cache and remembered.
+
+Candidates are the cached-attention matmul strategies (production.cache.attend.IMPLS) times chunk sizes.
+Each is timed on layer 0 of the live cache (read-only: queries of the real shapes attend over it), a few
+repetitions, median. The default (auto, DEFAULT_CHUNK_TOKENS) is kept unless a candidate beats it by more than
+the hysteresis, so noise does not flip plans. Keyed by device, stream widths and kinds, and context bucket
+(the next power of two of the cache length).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from production.cache.attend import attend_cache
+from production.cache.kvcache import DEFAULT_CHUNK_TOKENS, KVCache
+from production.core.runtime import synchronize
+from production.tune.store import DecisionStore
+
+CANDIDATES = [(impl, chunk) for impl in ("bmm", "blockdiag") for chunk in (2048, 8192, 32768)]
+HYSTERESIS = 0.05
+REPEATS = 3
+MIN_CONTEXT = 1024  # below this every candidate takes microseconds: timing noise would pick, so keep the default
+
+
+def context_bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def plan_decode(
+    cache: KVCache, n_head: int, kv_heads: int, device: str, device_sig: str, store: DecisionStore | None
+) -> dict:
+    """Choose (impl, chunk_tokens) for every layer of `cache`; returns the decision record."""
+    shapes = {
+        "widths": cache.widths,
+        "kv_heads": kv_heads,
+        "policy": str(cache.policy),
+        "bucket": context_bucket(cache.length),
+        "batch": cache.batch,
+    }
+    if cache.length < MIN_CONTEXT:
+        reason = f"context {cache.length} < {MIN_CONTEXT}: too short to measure"
+        layer = cache.layers[0]
+        return {
+            "impl": layer.impl,
+            "chunk_tokens": layer.chunk_tokens,
+            "source": "default",
+            "bucket": shapes["bucket"],
+            "reason": reason,
+        }
+    decision = store.get("decode", device_sig, f"h{n_head}", shapes) if store else None
+    source = "store"
+    if decision is None:
+        source = "measured"
+        timings = {
+            f"{impl}@{chunk}": time_candidate(cache, impl, chunk, n_head, kv_heads, device)
+            for impl, chunk in [("auto", DEFAULT_CHUNK_TOKENS), *CANDIDATES]
+        }
+        default = timings[f"auto@{DEFAULT_CHUNK_TOKENS}"]
+        best = min(timings, key=timings.get)
+        if timings[best] > (1 - HYSTERESIS) * default:
+            best = f"auto@{DEFAULT_CHUNK_TOKENS}"
+        impl, chunk = best.split("@")
+        decision = {"impl": impl, "chunk_tokens": int(chunk), "ms": timings[best], "timings": timings}
+        if store:
+            store.put("decode", device_sig, f"h{n_head}", shapes, decision)
+    for layer in cache.layers:
+        layer.impl, layer.chunk_tokens = decision["impl"], decision["chunk_tokens"]
+    return {**decision, "source": source, "bucket": shapes["bucket"]}
+
+
+def time_candidate(cache: KVCache, impl: str, chunk: int, n_head: int, kv_heads: int, device: str) -> float:
+    """Median ms of one layer-0 cached attention with this strategy; queries have the model's real shapes."""
+    layer = cache.layers[0]
+    saved = layer.impl, layer.chunk_tokens
+    layer.impl, layer.chunk_tokens = impl, chunk
+    q = {
+        s: torch.randn(cache.batch, n_head, 1, cache.widths[s] // kv_heads, device=device)
+        for s in cache.widths
+        if s != "v"
+    }
+    times = []
+    for _ in range(REPEATS):
+        synchronize(device)
+        t0 = time.perf_counter()
+        attend_cache(layer, q, "v")
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    layer.impl, layer.chunk_tokens = saved
+    return 1000 * statistics.median(times)
