@@ -1,31 +1,34 @@
 # Short helpers; every target also works as the plain command shown in README.md.
 PYTHON ?= python
 
-.PHONY: install demo test lint bench bench-gpu paper
+.PHONY: install demo test test-slow lint bench bench-gpu paper
 
 install:  ## torch 2.13.0 only when no torch is installed (keeps your CUDA/MPS build), then the rest
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -r requirements.txt -r requirements-dev.txt
 	$(PYTHON) -m pip install --no-deps -r requirements-data.txt
 
-demo:  ## the main job on the embedded corpus: about three minutes on 2 CPU cores
+demo:  ## the main job on the embedded corpus: 3 to 10 minutes on 2 CPU cores
 	$(PYTHON) main.py --mode train --size nano --exp paper_decoupled
 
-test:
+test:  ## everything but the slow end-to-end runs
 	$(PYTHON) -m pytest -q
+
+test-slow:  ## the nano demo as a newcomer runs it, torchrun FSDP and cross-world-size resume
+	$(PYTHON) -m pytest -q -m slow
 
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
 bench:  ## decoupled / bottleneck / gqa step time vs standard at small dims, CPU fp32
-	$(PYTHON) -m production.bench_train --size small --block 256 --batch-size 1 --steps 4 --rounds 3 --device cpu --dtype fp32
+	$(PYTHON) -m production.bench.train --size small --block 256 --batch-size 1 --steps 4 --rounds 3 --device cpu --dtype fp32
 
 bench-gpu:  ## the GPU checks, in one go (CUDA tests, bf16 step benchmark, decode, 128k memory, torchrun ddp/fsdp)
 	$(PYTHON) -m pytest -q -m cuda
-	$(PYTHON) -m production.bench_train --size small --block 1024 --steps 5 --dtype bf16
-	$(PYTHON) -m production.bench_train --size small --block 1024 --steps 5 --dtype bf16 --compile
-	$(PYTHON) -m production.bench_decode --size small --exp paper_baseline,paper_decoupled --context 4096,16384,65536 \
+	$(PYTHON) -m production.bench.train --size small --block 1024 --steps 5 --dtype bf16
+	$(PYTHON) -m production.bench.train --size small --block 1024 --steps 5 --dtype bf16 --compile
+	$(PYTHON) -m production.bench.decode --size small --exp paper_baseline,paper_decoupled --context 4096,16384,65536 \
 	    --policies "fp16;ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
 	$(PYTHON) production/bench_end_to_end_memory.py --size small --exp paper_decoupled --decompose --decode-step --out runs/mem128k_small_gpu.json
 	for d in ddp fsdp; do for s in small 1b; do torchrun --nproc_per_node 1 main.py --mode train --size $$s \

@@ -21,6 +21,10 @@ from production.data.tokenizer import gpt2_files  # noqa: E402
 TINY = "--size nano --n-layer 1 --d-model 64 --d-ff 128 --block 32 --batch-size 4 --device cpu --no-compile".split()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.json from this run")
+
+
 @dataclass
 class Result:
     """What a command printed and returned (the fields of subprocess.CompletedProcess)."""

@@ -7,7 +7,7 @@ DEFAULT_SIZE, DEFAULT_EXP = "nano", "paper_decoupled"
 
 # fmt: off
 # `steps` is the default training length when --steps is not given: the paper's 6000 for the
-# real sizes; nano is the CPU demo, sized (with more frequent, shorter evals) to finish in about three minutes
+# real sizes; nano is the CPU demo, sized (with more frequent, shorter evals) to finish in minutes
 # on 2 CPU cores.
 SIZES: dict[str, dict] = {
     "nano":   dict(d_model=256,  n_layer=4,  n_head=4,  d_ff=1024, block_size=256,  batch_size=8, grad_accum=1,

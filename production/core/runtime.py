@@ -139,9 +139,9 @@ def device_signature(device: str) -> str:
     return f"cpu:{device_name(device)}:{torch.get_num_threads()}"
 
 
-def maxrss_bytes(maxrss: int, system: str = sys.platform) -> int:
-    """getrusage's ru_maxrss in bytes: macOS reports bytes, Linux (and the BSDs) KiB."""
-    return maxrss if system == "darwin" else maxrss * 1024
+def maxrss_bytes(maxrss: int, system: str | None = None) -> int:
+    """getrusage's ru_maxrss in bytes: macOS reports bytes, Linux (and the BSDs) KiB. `system`: sys.platform."""
+    return maxrss if (system or sys.platform) == "darwin" else maxrss * 1024
 
 
 def peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:

@@ -82,27 +82,16 @@ def tune_training(
     log(decision, value, source, **details) (source: rule, user, measured or store). Under torchrun (world > 1
     or any launch) the ranks must agree, so nothing is measured: the split is the largest micro-batch that
     gives every rank the same number of micro-batches, and compile is used only if --compile asks for it."""
-    t0 = time.perf_counter()
-    cuda = torch.device(runtime.device).type == "cuda"
     if world > 1:
-        micro, accum = distributed_split(cfg.batch_size, cfg.grad_accum, world)
-        use_compile = bool(runtime.compile)
-        log("micro_batch", [micro, accum], "rule", reason=f"global batch split evenly over {world} ranks")
-        log(
-            "compile",
-            use_compile,
-            "user" if runtime.compile is not None else "rule",
-            reason="under torchrun compile is used only when asked for",
-        )
-        return TrainingPlan(micro, accum, use_compile)
-    block = model.cfg.block_size
+        return _torchrun_plan(cfg, runtime, log, world)
+    t0 = time.perf_counter()
     log("device", runtime.device, "rule", reason="cuda > mps > cpu unless --device")
     log("precision", runtime.dtype, "rule", reason="bf16 autocast with fp32 master weights where supported")
     sig, chash = device_signature(runtime.device), config_hash(model.cfg.to_dict())
     shapes = {
         "batch": cfg.batch_size,
         "accum": cfg.grad_accum,
-        "block": block,
+        "block": model.cfg.block_size,
         "dtype": runtime.dtype,
         "compile": runtime.compile,
     }
@@ -112,40 +101,53 @@ def tune_training(
         log("micro_batch", [plan.micro_batch, plan.grad_accum], "store", timings=stored.get("micro_timings"))
         log("compile", plan.compile, "store", timings=stored.get("compile_timings"))
     else:
-        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
-        if cuda:
-            micro, accum, micro_timings = _fitting_micro_batch(model, cfg, block, runtime)
-            log("micro_batch", [micro, accum], "measured", timings=micro_timings)
-        else:
-            micro, accum, micro_timings = cfg.batch_size, cfg.grad_accum, None
-            log("micro_batch", [micro, accum], "rule", reason="the recipe's split (memory is probed on CUDA only)")
-        compile_timings = None
-        if runtime.compile is not None:
-            use_compile = runtime.compile
-            log(
-                "compile",
-                use_compile,
-                "user" if cuda else "rule",
-                reason="fixed by --compile/--no-compile" if cuda else "off off CUDA",
-            )
-        else:
-            eager = _trial_ms(model, model, micro, block, runtime, TRIAL_STEPS)
-            compiled = _trial_ms(torch.compile(model), model, micro, block, runtime, TRIAL_STEPS)
-            use_compile = compiled <= (1 - COMPILE_MIN_GAIN) * eager
-            compile_timings = {"eager_ms": eager, "compiled_ms": compiled}
-            log("compile", use_compile, "measured", timings=compile_timings)
-        torch.set_rng_state(rng[0])
-        if cuda:
-            torch.cuda.set_rng_state_all(rng[1])
-        plan = TrainingPlan(micro, accum, use_compile)
+        plan, record = _measured_plan(model, cfg, runtime, log)
         if store:
-            value = {
-                "micro_batch": micro,
-                "grad_accum": accum,
-                "compile": use_compile,
-                "micro_timings": micro_timings,
-                "compile_timings": compile_timings,
-            }
-            store.put("train", sig, chash, shapes, value)
+            store.put("train", sig, chash, shapes, record)
     log("tuning_time", round(time.perf_counter() - t0, 3), "measured")
     return plan
+
+
+def _torchrun_plan(cfg: TrainConfig, runtime: RuntimeConfig, log, world: int) -> TrainingPlan:
+    micro, accum = distributed_split(cfg.batch_size, cfg.grad_accum, world)
+    use_compile = bool(runtime.compile)
+    log("micro_batch", [micro, accum], "rule", reason=f"global batch split evenly over {world} ranks")
+    source = "user" if runtime.compile is not None else "rule"
+    log("compile", use_compile, source, reason="under torchrun compile is used only when asked for")
+    return TrainingPlan(micro, accum, use_compile)
+
+
+def _measured_plan(model: GPT, cfg: TrainConfig, runtime: RuntimeConfig, log) -> tuple[TrainingPlan, dict]:
+    """The micro-batch split (probed on CUDA, the recipe's elsewhere) and compile (timed when not fixed by
+    --compile/--no-compile), with the RNG state left as it was. Returns the plan and its store record."""
+    cuda = torch.device(runtime.device).type == "cuda"
+    block = model.cfg.block_size
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+    if cuda:
+        micro, accum, micro_timings = _fitting_micro_batch(model, cfg, block, runtime)
+        log("micro_batch", [micro, accum], "measured", timings=micro_timings)
+    else:
+        micro, accum, micro_timings = cfg.batch_size, cfg.grad_accum, None
+        log("micro_batch", [micro, accum], "rule", reason="the recipe's split (memory is probed on CUDA only)")
+    compile_timings = None
+    if runtime.compile is not None:
+        use_compile = runtime.compile
+        reason = "fixed by --compile/--no-compile" if cuda else "off off CUDA"
+        log("compile", use_compile, "user" if cuda else "rule", reason=reason)
+    else:
+        eager = _trial_ms(model, model, micro, block, runtime, TRIAL_STEPS)
+        compiled = _trial_ms(torch.compile(model), model, micro, block, runtime, TRIAL_STEPS)
+        use_compile = compiled <= (1 - COMPILE_MIN_GAIN) * eager
+        compile_timings = {"eager_ms": eager, "compiled_ms": compiled}
+        log("compile", use_compile, "measured", timings=compile_timings)
+    torch.set_rng_state(rng[0])
+    if cuda:
+        torch.cuda.set_rng_state_all(rng[1])
+    record = {
+        "micro_batch": micro,
+        "grad_accum": accum,
+        "compile": use_compile,
+        "micro_timings": micro_timings,
+        "compile_timings": compile_timings,
+    }
+    return TrainingPlan(micro, accum, use_compile), record
