@@ -11,32 +11,10 @@ import torch
 from conftest import REPO, run_main
 from production.tune.training import distributed_split
 
-TINY_DIST = [
-    "--size",
-    "nano",
-    "--n-layer",
-    "1",
-    "--d-model",
-    "64",
-    "--d-ff",
-    "128",
-    "--block",
-    "32",
-    "--batch-size",
-    "4",
-    "--grad-accum",
-    "2",
-    "--device",
-    "cpu",
-    "--steps",
-    "6",
-    "--eval-every",
-    "3",
-    "--eval-iters",
-    "2",
-    "--log-every",
-    "1",
-]
+TINY_DIST = (
+    "--size nano --n-layer 1 --d-model 64 --d-ff 128 --block 32 --batch-size 4 --grad-accum 2 "
+    "--device cpu --steps 6 --eval-every 3 --eval-iters 2 --log-every 1"
+).split()
 
 
 def free_port() -> int:
@@ -116,12 +94,7 @@ def test_two_ranks_match_the_single_process_run_and_only_rank0_writes(tmp_path, 
         out / "best.pt",
         "--prompt-tokens",
         "1 2 3",
-        "--max-new-tokens",
-        "3",
-        "--kv-policy",
-        "fp16",
-        "--device",
-        "cpu",
+        *"--max-new-tokens 3 --kv-policy fp16 --device cpu".split(),
     )
     assert sample.returncode == 0, sample.stderr
     ckpt = torch.load(out / "last.pt", weights_only=True)
@@ -186,10 +159,7 @@ def test_resume_across_world_sizes(tmp_path, token_file, single):
         token_file,
         "--out-dir",
         b,
-        "--resume",
-        "--dist",
-        "fsdp",
-        "--tuner-store",
+        *"--resume --dist fsdp --tuner-store".split(),
         tmp_path / "t.json",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,11 +183,7 @@ def test_distributed_input_errors(tmp_path, token_file):
         "--mode",
         "train",
         *TINY_DIST,
-        "--batch-size",
-        "3",
-        "--grad-accum",
-        "1",
-        "--data",
+        *"--batch-size 3 --grad-accum 1 --data".split(),
         token_file,
         "--out-dir",
         tmp_path,
@@ -259,13 +225,7 @@ def test_manifest_runner_launches_torchrun(tmp_path, token_file):
             "g",
             "--runs-dir",
             str(tmp_path / "runs"),
-            "--device",
-            "cpu",
-            "--nproc-per-node",
-            "2",
-            "--dist",
-            "fsdp",
-            "--master-port",
+            *"--device cpu --nproc-per-node 2 --dist fsdp --master-port".split(),
             str(free_port()),
         ],
         cwd=REPO,

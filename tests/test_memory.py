@@ -72,10 +72,7 @@ def test_checkpoints_baseline_and_decode_step(tmp_path, token_file):
             token_file,
             "--out-dir",
             runs[exp],
-            "--steps",
-            "1",
-            "--eval-iters",
-            "1",
+            *"--steps 1 --eval-iters 1".split(),
         )
         assert proc.returncode == 0, proc.stderr
     baseline = runs["paper_baseline"] / "best.pt"
@@ -85,11 +82,7 @@ def test_checkpoints_baseline_and_decode_step(tmp_path, token_file):
         "--decompose",
         "--baseline-ckpt",
         baseline,
-        "--context-len",
-        "512",
-        "--decode-step",
-        "--device",
-        "cpu",
+        *"--context-len 512 --decode-step --device cpu".split(),
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((runs["paper_decoupled"] / "mem128k.json").read_text())  # written next to the checkpoint

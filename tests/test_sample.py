@@ -20,10 +20,7 @@ def ckpt(tmp_path_factory, token_file):
         token_file,
         "--out-dir",
         out,
-        "--steps",
-        "3",
-        "--eval-iters",
-        "1",
+        *"--steps 3 --eval-iters 1".split(),
     )
     assert proc.returncode == 0, proc.stderr
     return out / "best.pt"
@@ -42,14 +39,7 @@ def test_text_and_json_output(ckpt):
         ckpt,
         "--prompt-tokens",
         "464 3290 318",
-        "--max-new-tokens",
-        "6",
-        "--kv-policy",
-        "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2",
-        "--seed",
-        "3",
-        "--top-k",
-        "20",
+        *"--max-new-tokens 6 --kv-policy ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2 --seed 3 --top-k 20".split(),
     )
     assert r["prompt_ids"] == [464, 3290, 318] and len(r["generated_ids"]) == 6
     assert r["kv_policy"] == "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2"
@@ -58,14 +48,7 @@ def test_text_and_json_output(ckpt):
         ckpt,
         "--prompt-tokens",
         "464 3290 318",
-        "--max-new-tokens",
-        "6",
-        "--kv-policy",
-        "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2",
-        "--seed",
-        "3",
-        "--top-k",
-        "20",
+        *"--max-new-tokens 6 --kv-policy ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2 --seed 3 --top-k 20".split(),
     )
     assert again["generated_ids"] == r["generated_ids"]  # seeded
 

@@ -47,20 +47,11 @@ def test_help():
 def test_steps_zero_resolves_and_writes_config_only(tmp_path, token_file):
     out = tmp_path / "run"
     proc = run_main(
-        "--mode",
-        "train",
-        "--size",
-        "small",
-        "--exp",
-        "paper_decoupled",
-        "--data",
+        *"--mode train --size small --exp paper_decoupled --data".split(),
         token_file,
         "--out-dir",
         out,
-        "--steps",
-        "0",
-        "--device",
-        "cpu",
+        *"--steps 0 --device cpu".split(),
     )
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in out.iterdir()] == ["resolved_config.json"]
@@ -88,14 +79,7 @@ def test_training_run_writes_events_and_safe_checkpoints(tmp_path, token_file):
         token_file,
         "--out-dir",
         out,
-        "--steps",
-        "40",
-        "--eval-every",
-        "20",
-        "--eval-iters",
-        "2",
-        "--lr",
-        "3e-3",
+        *"--steps 40 --eval-every 20 --eval-iters 2 --lr 3e-3".split(),
     )
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in out.iterdir()} == {"train.jsonl", "resolved_config.json", "last.pt", "best.pt"}
@@ -126,16 +110,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, token_fil
         "paper_decoupled",
         "--data",
         token_file,
-        "--steps",
-        "14",
-        "--eval-every",
-        "5",
-        "--eval-iters",
-        "2",
-        "--log-every",
-        "1",
-        "--grad-accum",
-        "2",
+        *"--steps 14 --eval-every 5 --eval-iters 2 --log-every 1 --grad-accum 2".split(),
     ]
     full, split = tmp_path / "full", tmp_path / "split"
     assert run_main(*common, "--out-dir", full).returncode == 0
@@ -242,18 +217,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
         token_file,
         "--out-dir",
         out,
-        "--steps",
-        "30",
-        "--eval-every",
-        "10",
-        "--eval-iters",
-        "1",
-        "--lr",
-        "1e30",
-        "--warmup-steps",
-        "0",
-        "--grad-clip",
-        "1e30",
+        *"--steps 30 --eval-every 10 --eval-iters 1 --lr 1e30 --warmup-steps 0 --grad-clip 1e30".split(),
     )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()

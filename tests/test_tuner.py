@@ -119,11 +119,7 @@ def test_sample_auto_searches_then_hits_the_store_and_show_lists_it(tmp_path, to
         token_file,
         "--out-dir",
         out,
-        "--steps",
-        "2",
-        "--eval-iters",
-        "1",
-        "--tuner-store",
+        *"--steps 2 --eval-iters 1 --tuner-store".split(),
         store,
     )
     assert proc.returncode == 0, proc.stderr
@@ -134,10 +130,7 @@ def test_sample_auto_searches_then_hits_the_store_and_show_lists_it(tmp_path, to
         out / "best.pt",
         "--prompt-tokens",
         "5 6 7 8",
-        "--max-new-tokens",
-        "4",
-        "--json",
-        "--tuner-store",
+        *"--max-new-tokens 4 --json --tuner-store".split(),
         store,
         "--device",
         "cpu",
@@ -173,11 +166,7 @@ def test_training_logs_tuner_decisions_and_reuses_them(tmp_path, token_file):
             token_file,
             "--out-dir",
             out,
-            "--steps",
-            "1",
-            "--eval-iters",
-            "1",
-            "--tuner-store",
+            *"--steps 1 --eval-iters 1 --tuner-store".split(),
             store,
         )
         assert proc.returncode == 0, proc.stderr
