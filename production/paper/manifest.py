@@ -20,6 +20,7 @@ from pathlib import Path
 from production.config.fields import OVERRIDE_FIELDS, to_argv
 from production.config.resolve import resolve
 from production.core.errors import UserError
+from production.core.layout import REPO_ROOT
 
 MANIFEST_VERSION = 2
 RUN_KEYS = {"id", "exp", "size", "seed", "steps", "overrides", "expected"}
@@ -45,7 +46,7 @@ class RunPlan:
         return to_argv(self.values)
 
     def command(self, extra: list[str] = ()) -> list[str]:
-        return [sys.executable, *self.launcher, "main.py", *self.argv, *extra]
+        return [sys.executable, *self.launcher, str(REPO_ROOT / "main.py"), *self.argv, *extra]
 
     def command_text(self, extra: list[str] = ()) -> str:
         return shlex.join(self.command(extra))

@@ -18,7 +18,7 @@ from production.core.layout import REPO_ROOT, RunDir
 from production.core.runtime import environment, resolve_runtime
 from production.paper.manifest import RunPlan
 
-MEM128K_SCRIPT = "production/bench_end_to_end_memory.py"
+MEM128K_SCRIPT = REPO_ROOT / "production" / "bench_end_to_end_memory.py"
 
 
 @dataclass
@@ -62,13 +62,12 @@ def write_provenance(
 
 
 def stream(command: list[str], prefix: str, log_path: Path) -> tuple[int, str]:
-    """Run a command from the repo root, echoing its output live (prefixed) and into log_path.
+    """Run a command in this directory (so relative paths mean what they mean to the caller: data, runs, the
+    tuner store), echoing its output live (prefixed) and into log_path.
     Returns the exit status and its last `error:` line (or last line)."""
     last_error, last = "", ""
     with open(log_path, "a") as log:
-        proc = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             sys.stdout.write(f"[{prefix}] {line}")
             sys.stdout.flush()
@@ -104,7 +103,7 @@ def run_one(
     elif result.status != "failed":
         result.status, result.reason = "failed", "training ended without a done event"
     if post_mem128k and done and not run.mem128k.exists():
-        command = [sys.executable, MEM128K_SCRIPT, "--ckpt", str(run.best), "--device", device]
+        command = [sys.executable, str(MEM128K_SCRIPT), "--ckpt", str(run.best), "--device", device]
         if plan.resolved["model"]["attn_mode"] == "decoupled":
             command.append("--decompose")
         code, last = stream(command, f"{plan.id} mem128k", run.stdout)
