@@ -16,6 +16,11 @@ from production.data.files import TokenStream, open_tokens
 VAL_FRACTION = 0.1
 
 
+def val_size(n_tokens: int) -> int:
+    """Tokens in the validation split (the last VAL_FRACTION of the stream)."""
+    return int(n_tokens * VAL_FRACTION)
+
+
 def load_splits(data: Path | None, cache_dir: Path, block_size: int, vocab_size: int) -> TokenSplits:
     """The token file `data`, or the embedded corpus (tokenized once into `cache_dir`) when it is None, split
     and checked."""
@@ -36,7 +41,7 @@ class TokenSplits:
 def split_tokens(stream: TokenStream, source: str, fmt: str, block_size: int, vocab_size: int) -> TokenSplits:
     """First 90% train, last 10% validation, after checking the ids and that both splits hold a window."""
     n = len(stream)
-    n_val = int(n * VAL_FRACTION)
+    n_val = val_size(n)
     need = block_size + 1
     if n - n_val < need or n_val < need:
         raise UserError(

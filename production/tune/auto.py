@@ -13,7 +13,7 @@ from production.core.errors import UserError
 from production.core.runtime import RuntimeConfig, device_signature
 from production.data.corpus import embedded_tokens
 from production.data.files import TokenStream, open_tokens
-from production.data.splits import VAL_FRACTION
+from production.data.splits import val_size
 from production.model.gpt import GPT
 from production.tune.policy import search_policy
 from production.tune.store import DecisionStore, config_hash
@@ -36,7 +36,7 @@ class AutoRequest:
 
 def _validation_window(stream: TokenStream, n: int) -> torch.Tensor | None:
     """The first n tokens of the stream's validation split (its last 10%), or None if the split is shorter."""
-    n_val = int(len(stream) * VAL_FRACTION)
+    n_val = val_size(len(stream))
     if n_val < n:
         return None
     return torch.from_numpy(stream.window(len(stream) - n_val, n))[None]
