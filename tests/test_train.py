@@ -199,7 +199,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_overwritten(tmp_path, token_fi
     elif case == "flag":
         extra, expect = ["--stepz", "3"], "unrecognized arguments"
     elif case == "resume_nothing":
-        extra, expect = ["--resume", "--resume-path", tmp_path / "none.pt"], "nothing to resume"
+        extra, expect = ["--resume", "--resume-path", tmp_path / "none.pt"], "--resume-path"
     elif case == "device":
         extra, expect = ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"
     proc = run_main("--mode", "train", *TINY, "--data", data, "--out-dir", out, "--steps", "1", *extra)

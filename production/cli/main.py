@@ -22,7 +22,7 @@ def build_parser() -> Parser:
     return p
 
 
-@command(interrupted="interrupted; a training run continues with --resume (from its last.pt)")
+@command(interrupted="interrupted; nothing was saved (no training step had run: the same command starts over)")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     values = given(build_parser().parse_args(argv))

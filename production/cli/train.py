@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import sys
+import time
 from pathlib import Path
 
 from production.config.fields import BY_NAME, RESOLVED_SECTIONS, with_defaults
@@ -45,7 +48,9 @@ def _run(v: dict, argv: list[str], resolved: ResolvedRun, ctx: DistContext) -> i
     record["data"] = splits.info
     out_dir = v["out_dir"] or default_run_dir(resolved.size, resolved.exp, resolved.train.seed)
     run = RunDir(Path(out_dir))
-    resume = find_resume(v, run, record)
+    if v["save_every_s"] <= 0:
+        raise UserError(f"--save-every-s must be positive, got {v['save_every_s']}")
+    resume = find_resume(v, run, record, ctx.is_main, say)
     if resume is not None and resume[1]["step"] >= resolved.train.steps:
         say(f"{resume[0]} is already at step {resume[1]['step']} of {resolved.train.steps}: nothing to train")
         return 0
@@ -71,27 +76,66 @@ def _run(v: dict, argv: list[str], resolved: ResolvedRun, ctx: DistContext) -> i
         resume,
         v["stop_at"],
         DecisionStore(v["tuner_store"]),
+        v["save_every_s"],
         ctx,
     )
     summary = train(job)
+    if summary["interrupted"]:
+        if ctx.is_main:
+            print(f"\n{interrupted_message(summary, resolved.train.steps, run, argv, ctx)}", file=sys.stderr)
+        return 130
     if summary["done"]:
         say(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}; checkpoints in {out_dir}")
+    else:
+        say(f"stopped at step {summary['step']}/{resolved.train.steps}; continue with --resume ({run.last})")
     return 0
 
 
-def find_resume(v: dict, run: RunDir, record: dict) -> tuple[Path, dict] | None:
-    """(path, checkpoint) to resume from, checked against the resolved config; None for a fresh run, which must
-    not find an earlier run in its directory."""
-    if not (v["resume"] or v["resume_path"]):
-        if run.has_run():
+def find_resume(v: dict, run: RunDir, record: dict, is_main: bool, say) -> tuple[Path, dict] | None:
+    """(path, checkpoint) to resume from, checked against the resolved config; None for a fresh run. A run
+    directory that holds a log but no checkpoint is a start interrupted before anything was saved: its log is
+    set aside and the run starts over, with or without --resume."""
+    if v["resume_path"] is not None:
+        if not v["resume_path"].is_file():
+            raise UserError(f"--resume-path {v['resume_path']} is not a file (give a run's last.pt)")
+        return checked(v["resume_path"], record)
+    if run.last.exists():
+        if not v["resume"]:
             raise UserError(f"{run.path} already holds a run; pass --resume to continue it, or --out-dir for a new one")
+        return checked(run.last, record)
+    if run.best.exists():
+        raise UserError(f"{run.path} holds best.pt but no last.pt to resume; move it away or use another --out-dir")
+    if run.log.exists():
+        aside = run.path / f"{run.log.name}.interrupted-{int(time.time())}"
+        if is_main:
+            run.log.rename(aside)
+        say(f"{run.path} holds no checkpoint yet (an interrupted start): starting over, its log moved to {aside.name}")
         return None
-    path = v["resume_path"] or run.last
-    if not path.exists():
-        raise UserError(f"nothing to resume: {path} does not exist (start without --resume)")
+    if v["resume"]:
+        raise UserError(f"nothing to resume: {run.path} holds no last.pt (start without --resume)")
+    return None
+
+
+def checked(path: Path, record: dict) -> tuple[Path, dict]:
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, record, path)
     return path, ckpt
+
+
+def interrupted_message(summary: dict, steps: int, run: RunDir, argv: list[str], ctx: DistContext) -> str:
+    """What Ctrl-C leaves behind, and the command that continues (or restarts) the run."""
+    launcher = f"torchrun --nproc-per-node {ctx.world_size} main.py" if ctx.active else "python main.py"
+    if summary["saved_step"] is None:
+        command = shlex.join([*argv])
+        return (
+            f"interrupted before the first checkpoint; nothing to keep in {run.path}. "
+            f"The same command starts over:\n  {launcher} {command}"
+        )
+    again = argv if {"--resume", "--resume-path"} & set(argv) else [*argv, "--resume"]
+    return (
+        f"interrupted at step {summary['step']}/{steps}; {run.last} holds step {summary['saved_step']}. "
+        f"Continue with:\n  {launcher} {shlex.join(again)}"
+    )
 
 
 def check_stop_at(stop_at: int | None, resume: tuple[Path, dict] | None) -> None:

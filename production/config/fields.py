@@ -91,6 +91,8 @@ FIELDS: tuple[Field, ...] = (
     Field("grad_clip", float, "gradient-norm clip (default 1.0)", "train"),
     # train: how the run executes
     Field("stop_at", int, "train up to this step, save last.pt and exit (then --resume)", "run"),
+    Field("save_every_s", float, "also write last.pt between evaluations once this many seconds passed", "run",
+          default=300.0),
     Field("resume", SWITCH, "continue the run in --out-dir from its last.pt", "run"),
     Field("resume_path", Path, "continue from this checkpoint (implies --resume)", "run"),
     Field("compile", bool, "torch.compile the model (default: measured by the tuner on CUDA, off elsewhere)",

@@ -8,9 +8,12 @@ into one `error:` line and exit status 2 (a TrainingError into exit 1), with no 
 """
 
 import argparse
+import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from production.core.errors import TrainingError, UserError
 from production.core.launch import launch_rank
@@ -60,3 +63,20 @@ def command(interrupted: str | None = None) -> Callable:
         return run
 
     return wrap
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for updates that must not stop
+    half-way (an optimizer step, a checkpoint pair). Outside the main thread signals cannot be handled: no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt

@@ -88,10 +88,6 @@ def run_one(
     state = run.state()
     result = RunResult(plan.id, {"finished": "skipped", "resumable": "resumed", "fresh": "done"}[state])
     if state != "finished":
-        if state == "fresh" and run.log.exists():  # an attempt died before its first checkpoint: set its log aside
-            stale = run.path / f"{run.log.name}.failed-{int(time.time())}"
-            run.log.rename(stale)
-            result.notes.append(f"moved a log without checkpoint to {stale.name}")
         extra = ["--resume"] if state == "resumable" else []
         write_provenance(plan, run, plan.command_text(extra), manifest_path, manifest_sha, device)
         code, last = stream(plan.command(extra), plan.id, run.stdout)

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from production.config.recipe import TrainConfig
+from production.core.entry import held_interrupts
 from production.core.errors import TrainingError
 from production.core.layout import EventLog, RunDir, truncate_log
 from production.core.runtime import RuntimeConfig, environment, peak_flops, retain_cpu_heap, synchronize
@@ -57,6 +58,7 @@ class Job:
     resume: tuple[Path, dict] | None = None  # (path, checkpoint) already checked by check_resumable
     stop_at: int | None = None
     store: DecisionStore | None = None  # remembers the tuner's runtime decisions
+    save_every_s: float = 300.0  # last.pt at least this often between evaluations (seconds of work)
     ctx: DistContext = field(default_factory=DistContext)
 
     def say(self, *args, **kwargs) -> None:
@@ -77,42 +79,94 @@ class State:
     step: int = 0
     best_val: float = math.inf
     recent_losses: list[float] = field(default_factory=list)  # since the last eval -> its train_loss
+    eval_pending: bool = True  # the evaluation due at `step` has not run yet
+    saved_step: int | None = None  # the step last.pt holds
+    saved_at: float = field(default_factory=time.perf_counter)  # when last.pt was written (or the run began)
+    step_start: dict = field(default_factory=dict)  # sampler and RNG state where `step` ended (see rewind)
 
 
 def train(job: Job) -> dict:
-    """Train to cfg.steps (or stop_at); returns {"step", "best_val_loss", "done"}."""
+    """Train to cfg.steps (or stop_at). Returns {"step", "best_val_loss", "done", "interrupted", "saved_step"}
+    (saved_step: the step last.pt holds, None before the first checkpoint). Ctrl-C stops the run at a step
+    boundary: `interrupt` saves that step first."""
     cfg, run = job.cfg, job.run
     heap_retained = torch.device(job.runtime.device).type == "cpu" and retain_cpu_heap()
     if job.resume is not None and job.ctx.is_main:
         truncate_log(run.log, job.resume[1]["step"])
     end = cfg.steps if job.stop_at is None else min(job.stop_at, cfg.steps)
     with EventLog(run.log if job.ctx.is_main else None) as log:
-        state = restore(job, log, heap_retained)
-        wall_start = time.perf_counter()
-        if state.step == 0:
-            evaluate_and_checkpoint(state, job, log)
-        show = None if job.ctx.is_main else True
-        with tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=show) as bar:
-            interval = Interval()
-            while state.step < end:
-                loss, grad_norm, lr = train_step(state, job, log)
-                interval.steps += 1
-                state.recent_losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-                if state.step == 1 or state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                    log_progress(state, job, log, loss, grad_norm, lr, interval.seconds_per_step(job), bar.disable)
-                    interval = Interval()
-                if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-                    evaluate_and_checkpoint(state, job, log)
-                    interval = Interval()
-        if state.step < cfg.steps:  # stopped early on request: make sure the exact state at `step` is saved
-            if state.step % cfg.eval_every != 0:
-                save(state, job, run.last, with_optimizer=True)
-            job.say(f"stopped at step {state.step}/{cfg.steps}; continue with --resume ({run.last})")
-            return {"step": state.step, "best_val_loss": state.best_val, "done": False}
+        state = None
+        try:
+            state = restore(job, log, heap_retained)
+            wall_start = time.perf_counter()
+            run_steps(state, job, log, end)
+            if state.step < cfg.steps:  # stopped early on request: make sure the exact state at `step` is saved
+                if state.saved_step != state.step:
+                    save(state, job, run.last, with_optimizer=True)
+                return summary(state, done=False)
+        except KeyboardInterrupt:
+            return interrupt(state, job, log)
         log.write("done", state.step, best_val_loss=state.best_val, wall_s=time.perf_counter() - wall_start)
-        return {"step": state.step, "best_val_loss": state.best_val, "done": True}
+        return summary(state, done=True)
+
+
+def run_steps(state: State, job: Job, log: EventLog, end: int) -> None:
+    """The loop: optimizer steps to `end`, train events every log_every steps, evaluations (and checkpoints)
+    every eval_every steps and at the last step, and last.pt every save_every_s seconds of work between them."""
+    cfg = job.cfg
+    if state.eval_pending:  # step 0 of a fresh run, or a checkpoint saved before its step's evaluation ran
+        evaluate_and_checkpoint(state, job, log)
+    show = None if job.ctx.is_main else True
+    with tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=show) as bar:
+        interval = Interval()
+        while state.step < end:
+            loss, grad_norm, lr = train_step(state, job, log)
+            interval.steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+            if state.step == 1 or state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                log_progress(state, job, log, loss, grad_norm, lr, interval.seconds_per_step(job), bar.disable)
+                interval = Interval()
+            if state.eval_pending:
+                evaluate_and_checkpoint(state, job, log)
+                interval = Interval()
+            elif state.step % cfg.log_every == 0 and checkpoint_due(state, job):
+                save(state, job, job.run.last, with_optimizer=True)
+
+
+def checkpoint_due(state: State, job: Job) -> bool:
+    """Whether save_every_s has passed since last.pt was written. Under torchrun the ranks' clocks differ and
+    a save is a collective: any rank that is due makes every rank save."""
+    due = time.perf_counter() - state.saved_at >= job.save_every_s
+    if job.ctx.active:
+        due = all_reduce_sum(torch.tensor(float(due), device=job.runtime.device), job.ctx).item() > 0
+    return due
+
+
+def interrupt(state: State | None, job: Job, log: EventLog) -> dict:
+    """After Ctrl-C. A single process saves its last completed step (the sampler and RNG rewound to where that
+    step ended, the half-accumulated gradients dropped) unless last.pt holds it already. Under torchrun the
+    ranks stop at different steps and cannot gather a checkpoint, so the last saved one stands."""
+    if state is None:  # still restoring: nothing new to save
+        saved = None if job.resume is None else job.resume[1]["step"]
+        step = saved or 0
+        log.write("interrupted", step, saved_step=saved)
+        return {"step": step, "best_val_loss": math.inf, "done": False, "interrupted": True, "saved_step": saved}
+    if not job.ctx.active and state.saved_step is not None and state.saved_step != state.step:
+        rewind(state, job)
+        save(state, job, job.run.last, with_optimizer=True)
+    log.write("interrupted", state.step, saved_step=state.saved_step)
+    return {**summary(state, done=False), "interrupted": True}
+
+
+def summary(state: State, done: bool) -> dict:
+    return {
+        "step": state.step,
+        "best_val_loss": state.best_val,
+        "done": done,
+        "interrupted": False,
+        "saved_step": state.saved_step,
+    }
 
 
 def restore(job: Job, log: EventLog, heap_retained: bool) -> State:
@@ -159,9 +213,34 @@ def restore(job: Job, log: EventLog, heap_retained: bool) -> State:
         sampler.load_state_dict(ckpt["sampler"])
     val_batches = fixed_batches(job.splits.val, job.model_cfg.block_size, cfg.batch_size, cfg.eval_iters)
     fwd = torch.compile(wrapped) if plan.compile else wrapped
-    return State(
+    state = State(
         model, wrapped, fwd, optimizer, sampler, plan.micro_batch, plan.grad_accum, val_batches, step, best_val
     )
+    if ckpt is not None:
+        state.recent_losses = list(ckpt.get("recent_losses", []))
+        state.eval_pending, state.saved_step = ckpt.get("eval_pending", False), step
+    state.step_start = snapshot(state, device)
+    return state
+
+
+def snapshot(state: State, device: str) -> dict:
+    """What a step consumes from the sampler and the RNGs, as it stands between two steps."""
+    cuda = torch.device(device).type == "cuda"
+    return {
+        "sampler": state.sampler.state_dict(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+    }
+
+
+def rewind(state: State, job: Job) -> None:
+    """Back to the end of step `state.step` after a step was cut short: its windows and random numbers will be
+    drawn again after a resume, and its partial gradients are dropped."""
+    state.sampler.load_state_dict(state.step_start["sampler"])
+    torch.set_rng_state(state.step_start["torch"])
+    if state.step_start["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state.step_start["cuda"])
+    state.optimizer.zero_grad(set_to_none=True)
 
 
 def train_step(state: State, job: Job, log: EventLog) -> tuple[float, float, float]:
@@ -192,11 +271,15 @@ def train_step(state: State, job: Job, log: EventLog) -> tuple[float, float, flo
             last = f"{job.run.last} holds the last good state"
             raise TrainingError(f"{name} is {value} at step {state.step + 1}; stopped, {last}")
     lr = lr_at(state.step, job.cfg)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    state.optimizer.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    state.step += 1
+    with held_interrupts():  # a Ctrl-C never leaves the weights half-updated or the step count behind them
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.recent_losses.append(loss)
+        state.eval_pending = state.step % job.cfg.eval_every == 0 or state.step == job.cfg.steps
+        state.step_start = snapshot(state, device)
     return loss, norm, lr
 
 
@@ -249,13 +332,15 @@ def evaluate_and_checkpoint(state: State, job: Job, log: EventLog) -> None:
         raise TrainingError(f"validation loss is {val} at step {step}; stopped, {job.run.last} is the last good state")
     recent = state.recent_losses
     train_loss = sum(recent) / len(recent) if recent else None
-    recent.clear()
-    if val < state.best_val:
-        state.best_val = val
-        save(state, job, job.run.best, with_optimizer=False)
     ppl = math.exp(min(val, 50.0))
-    log.write("eval", step, train_loss=train_loss, val_loss=val, val_ppl=ppl, best_val_loss=state.best_val)
-    save(state, job, job.run.last, with_optimizer=True)
+    with held_interrupts():  # the eval event, best.pt and last.pt land together or not at all
+        recent.clear()
+        state.eval_pending = False
+        if val < state.best_val:
+            state.best_val = val
+            save(state, job, job.run.best, with_optimizer=False)
+        log.write("eval", step, train_loss=train_loss, val_loss=val, val_ppl=ppl, best_val_loss=state.best_val)
+        save(state, job, job.run.last, with_optimizer=True)
     if ctx.is_main:
         shown = "-" if train_loss is None else f"{train_loss:.4f}"
         tqdm.write(
@@ -275,10 +360,16 @@ def save(state: State, job: Job, path: Path, with_optimizer: bool) -> None:
     if with_optimizer:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None}
         ckpt.update(
-            optimizer=full_optimizer_state(state.model, state.optimizer), sampler=state.sampler.state_dict(), rng=rng
+            optimizer=full_optimizer_state(state.model, state.optimizer),
+            sampler=state.sampler.state_dict(),
+            rng=rng,
+            recent_losses=list(state.recent_losses),
+            eval_pending=state.eval_pending,
         )
     if job.ctx.is_main:
         save_checkpoint(ckpt, path)
+    if path == job.run.last:
+        state.saved_step, state.saved_at = state.step, time.perf_counter()
     barrier(job.ctx)
 
 
