@@ -11,7 +11,7 @@ from pathlib import Path
 from production.core.entry import Parser, command
 from production.core.errors import UserError
 from production.paper.manifest import RunPlan, load_manifest, plan_runs, select_runs, torchrun_launcher
-from production.paper.runner import check_data, run_one, table
+from production.paper.runner import RunInterrupted, check_data, run_one, table
 
 
 def build_parser() -> Parser:
@@ -60,7 +60,10 @@ def print_plans(group: dict, plans: list[RunPlan]) -> None:
         print(f"\n{plan.id}: {dims}\n  {plan.command_text()}")
 
 
-@command()
+RERUN = "rerun the same command to continue: finished runs are skipped, interrupted ones resume"
+
+
+@command(interrupted=f"interrupted; {RERUN}")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     manifest, sha = load_manifest(args.manifest)
@@ -74,8 +77,15 @@ def main(argv=None) -> int:
         print_plans(group, plans)
         return 0
     check_data(plans)
-    t0 = time.time()
-    results = [run_one(plan, args.runs_dir, args.manifest, sha, args.device, args.post_mem128k) for plan in plans]
+    t0, results = time.time(), []
+    try:
+        for plan in plans:
+            results.append(run_one(plan, args.runs_dir, args.manifest, sha, args.device, args.post_mem128k))
+    except RunInterrupted as stopped:
+        results.append(stopped.result)
+        print(f"\ngroup {args.group}: stopped after {time.time() - t0:.0f}s\n{table(results)}")
+        print(f"\ninterrupted during {stopped.result.id}; {RERUN}", file=sys.stderr)
+        return 130
     print(f"\ngroup {args.group}: {len(results)} run(s) in {time.time() - t0:.0f}s")
     print(table(results))
     return 1 if any(r.status == "failed" for r in results) else 0

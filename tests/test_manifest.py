@@ -1,8 +1,14 @@
 """paper_manifest.json against the config code, and run_paper_manifest.py end to end on a tiny manifest."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 import run_paper_manifest
 from conftest import REPO, call, run_main
@@ -139,3 +145,35 @@ def test_runs_with_provenance_then_skip_resume_and_survive_a_failure(tmp_path, t
         "--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu", "--only", "ok", "partial"
     )
     assert again.returncode == 0 and again.stdout.count(" skipped ") == 2
+
+
+def test_ctrl_c_on_the_runner_stops_its_child_records_it_and_a_rerun_resumes(tmp_path, token_file):
+    """A terminal's Ctrl-C goes to the runner and its training child alike (one process group)."""
+    runs_dir = tmp_path / "runs"
+    long_run = spec("a", steps=2000, overrides={"eval_every": 500, "warmup_steps": 10})
+    m = write_manifest(tmp_path / "m.json", [long_run], data=str(token_file))
+    args = ["--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu"]
+    command = [sys.executable, str(REPO / "run_paper_manifest.py"), *map(str, args)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (runs_dir / "a" / "last.pt").exists() and time.time() < deadline:  # past the step-0 checkpoint
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert [ln for ln in err.splitlines() if ln.strip()] == [
+        "interrupted during a; rerun the same command to continue: finished runs are skipped, interrupted ones resume"
+    ]
+    assert "[a] interrupted at step" in out
+    record = json.loads((runs_dir / "a" / "resolved_run.json").read_text())
+    assert record["status"] == "interrupted" and record["finished"]
+    step = torch.load(runs_dir / "a" / "last.pt", weights_only=True)["step"]
+    assert 0 < step < 2000
+
+    write_manifest(tmp_path / "m.json", [{**long_run, "steps": step + 2}], data=str(token_file))  # a short finish
+    again = run_manifest(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert " resumed " in again.stdout.splitlines()[-1]
+    assert json.loads((runs_dir / "a" / "resolved_run.json").read_text())["status"] == "resumed"

@@ -5,6 +5,7 @@ reads the data once); the runner writes only command.txt and resolved_run.json."
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ MEM128K_SCRIPT = REPO_ROOT / "production" / "bench_end_to_end_memory.py"
 @dataclass
 class RunResult:
     id: str
-    status: str  # done | skipped | resumed | failed
+    status: str  # done | skipped | resumed | failed | interrupted
     best_val_loss: float | None = None
     wall_s: float = 0.0
     reason: str = ""
@@ -61,23 +62,57 @@ def write_provenance(
     return record
 
 
-def stream(command: list[str], prefix: str, log_path: Path) -> tuple[int, str]:
+class RunInterrupted(Exception):
+    """Ctrl-C during a run: its child was stopped and its provenance says so; the group stops here."""
+
+    def __init__(self, result: RunResult):
+        super().__init__(result.id)
+        self.result = result
+
+
+def stream(command: list[str], prefix: str, log_path: Path) -> tuple[int, str, bool]:
     """Run a command in this directory (so relative paths mean what they mean to the caller: data, runs, the
-    tuner store), echoing its output live (prefixed) and into log_path.
-    Returns the exit status and its last `error:` line (or last line)."""
-    last_error, last = "", ""
+    tuner store), echoing its output live (prefixed) and into log_path. On Ctrl-C the child is stopped the way
+    a terminal stops it (SIGINT: a training run saves its step and exits) and its last words are kept.
+    Returns the exit status, its last `error:` line (or last line), and whether it was interrupted."""
+    seen = {"error": "", "last": ""}
     with open(log_path, "a") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:
-            sys.stdout.write(f"[{prefix}] {line}")
-            sys.stdout.flush()
-            log.write(line)
-            if line.strip():
-                last = line.strip()
-                if line.startswith("error:"):
-                    last_error = line.strip()
+        try:
+            for line in proc.stdout:
+                echo(line, prefix, log, seen)
+            proc.wait()
+            interrupted = False
+        except KeyboardInterrupt:
+            stop(proc)
+            for line in proc.stdout.read().splitlines(keepends=True):
+                echo(line, prefix, log, seen)
+            interrupted = True
+    return proc.returncode, seen["error"] or seen["last"], interrupted
+
+
+def echo(line: str, prefix: str, log, seen: dict) -> None:
+    sys.stdout.write(f"[{prefix}] {line}")
+    sys.stdout.flush()
+    log.write(line)
+    if line.strip():
+        seen["last"] = line.strip()
+        if line.startswith("error:"):
+            seen["error"] = line.strip()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """A terminal's Ctrl-C reaches the child too; a `kill -INT` of the runner alone does not, so it is passed
+    on. A second Ctrl-C while the child saves kills it (its checkpoints are written atomically)."""
+    try:
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=300)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        proc.kill()
         proc.wait()
-    return proc.returncode, last_error or last
 
 
 def run_one(
@@ -90,7 +125,9 @@ def run_one(
     if state != "finished":
         extra = ["--resume"] if state == "resumable" else []
         write_provenance(plan, run, plan.command_text(extra), manifest_path, manifest_sha, device)
-        code, last = stream(plan.command(extra), plan.id, run.stdout)
+        code, last, interrupted = stream(plan.command(extra), plan.id, run.stdout)
+        if interrupted:
+            raise RunInterrupted(finish(result, run, "interrupted", "interrupted by Ctrl-C", t0))
         if code != 0:
             result.status, result.reason = "failed", f"main.py exited {code}: {last}"
     done = [e for e in run.events() if e["type"] == "done"]
@@ -102,12 +139,20 @@ def run_one(
         command = [sys.executable, str(MEM128K_SCRIPT), "--ckpt", str(run.best), "--device", device]
         if plan.resolved["model"]["attn_mode"] == "decoupled":
             command.append("--decompose")
-        code, last = stream(command, f"{plan.id} mem128k", run.stdout)
+        code, last, interrupted = stream(command, f"{plan.id} mem128k", run.stdout)
+        if interrupted:
+            raise RunInterrupted(finish(result, run, "interrupted", "interrupted in the memory benchmark", t0))
         if code != 0:
             result.status, result.reason = "failed", f"mem128k exited {code}: {last}"
-    if run.provenance.exists() and result.status != "skipped":
+    return finish(result, run, result.status, result.reason, t0)
+
+
+def finish(result: RunResult, run: RunDir, status: str, reason: str, t0: float) -> RunResult:
+    """The run's outcome, also in its resolved_run.json (a skipped run keeps the record of the run it was)."""
+    result.status, result.reason = status, reason
+    if run.provenance.exists() and status != "skipped":
         record = json.loads(run.provenance.read_text())
-        record.update(finished=now(), status=result.status, reason=result.reason or None)
+        record.update(finished=now(), status=status, reason=reason or None)
         write_json(run.provenance, record)
     result.wall_s = time.time() - t0
     return result
