@@ -4,6 +4,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +67,26 @@ def assert_user_error(proc, *fragments: str) -> None:
         assert frag in lines[0], (frag, lines[0])
 
 
+def checkout_runs() -> dict[str, str]:
+    """sha256 of every file under the checkout's runs/ (the user's runs and decision store)."""
+    root = REPO / "runs"
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cwd(tmp_path_factory):
-    """Module fixtures run here too: nothing a test writes by default lands in the checkout (runs/, tuner.json)."""
+    """Module fixtures run here too: nothing a test writes by default lands in the checkout (runs/, tuner.json).
+    Temporary files of the tests and of their subprocesses (torchrun's torchelastic_* folders) go under pytest's
+    own temporary directory, which pytest removes (pyproject: tmp_path_retention_policy)."""
+    before = checkout_runs()
+    temp = tmp_path_factory.mktemp("tmp")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("cwd"))
+        mp.setenv("TMPDIR", str(temp))
+        mp.setattr(tempfile, "tempdir", str(temp))
         yield
+    assert checkout_runs() == before, "the test suite wrote into the checkout's runs/"
 
 
 @pytest.fixture(autouse=True)

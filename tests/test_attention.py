@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from production.config.build import resolve_model
 from production.config.presets import EXPERIMENTS, SIZES
-from production.config.resolve import resolve_model
 from production.model.attention import ATTENTION, DecoupledAttention, MultiHeadAttention, build_attention
 from production.model.config import ATTN_MODES
 from production.model.gpt import GPT

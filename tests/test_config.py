@@ -1,7 +1,7 @@
 import pytest
 
+from production.config.build import resolve_model, resolve_train
 from production.config.presets import EXPERIMENTS, SIZES
-from production.config.resolve import resolve_model, resolve_train
 from production.core.errors import UserError
 from production.model.gpt import GPT, param_count
 

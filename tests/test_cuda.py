@@ -5,8 +5,8 @@ import torch
 
 from production.cache.policy import parse_policy
 from production.cache.quant import quantize_blocks
+from production.config.build import resolve_model
 from production.config.presets import EXPERIMENTS
-from production.config.resolve import resolve_model
 from production.config.sampling import SamplingConfig
 from production.model.attention import cache_widths
 from production.model.gpt import GPT

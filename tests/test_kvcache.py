@@ -7,8 +7,8 @@ from production.cache.attend import attend_cache
 from production.cache.kvcache import KVCache, LayerCache, estimate_bytes
 from production.cache.policy import parse_policy
 from production.cache.quant import dequantize_blocks, quantize_blocks
+from production.config.build import resolve_model
 from production.config.presets import EXPERIMENTS
-from production.config.resolve import resolve_model
 from production.config.sampling import SamplingConfig
 from production.core.errors import UserError
 from production.model.attention import cache_widths

@@ -7,7 +7,7 @@ from conftest import REPO, TINY, assert_user_error, call, run_main, run_script
 from production.bench.memory import main as bench_memory
 from production.cache.memory import measure_cache
 from production.cache.policy import parse_policy
-from production.config.resolve import resolve_model
+from production.config.build import resolve_model
 from production.model.attention import cache_widths
 
 SCHEMA = json.loads((REPO / "production" / "schemas" / "mem128k.schema.json").read_text())

@@ -1,8 +1,10 @@
 """main.py --mode sample end to end on a checkpoint made by a real (tiny) training run."""
 
+import argparse
 import json
 
 import pytest
+import torch
 
 from conftest import TINY, assert_user_error, run_main
 
@@ -85,4 +87,10 @@ def test_bad_checkpoints(tmp_path):
     assert_user_error(run_main("--mode", "sample", "--ckpt", tmp_path / "no.pt", "--prompt", "a"), "does not exist")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
-    assert_user_error(run_main("--mode", "sample", "--ckpt", junk, "--prompt", "a"), "cannot be read safely")
+    assert_user_error(run_main("--mode", "sample", "--ckpt", junk, "--prompt", "a"), "not a readable checkpoint")
+    objects = tmp_path / "objects.pt"
+    torch.save({"model": argparse.Namespace(a=1), "config": {}}, objects)  # needs code to unpickle
+    proc = run_main("--mode", "sample", "--ckpt", objects, "--prompt", "a")
+    assert_user_error(proc, "holds Python objects", "unsafe load")
+    assert "weights_only" not in proc.stderr  # torch's advice to load it unsafely is not passed on
+    assert_user_error(run_main("--mode", "sample", "--ckpt", tmp_path, "--prompt", "a"), "without best.pt or last.pt")

@@ -126,3 +126,28 @@ def test_the_cli_parses_without_torch():
     code = "import sys, production.cli.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_input_mistakes_are_reported_before_torch_is_imported(tmp_path):
+    """Presets, overrides, paths and file formats are checked torch-free (production.cli.checks)."""
+    text = tmp_path / "notes.npy"
+    text.write_text("not tokens")
+    cases = [
+        ["--mode", "train", "--size", "gigantic"],
+        ["--mode", "train", "--n-head", "5"],
+        ["--mode", "train", "--data", str(tmp_path / "missing.npy")],
+        ["--mode", "train", "--data", str(text)],
+        ["--mode", "train", "--device", "tpu"],
+        ["--mode", "sample", "--ckpt", str(tmp_path), "--prompt", "a"],
+        ["--mode", "sample", "--ckpt", str(tmp_path / "none.pt"), "--prompt", "a"],
+    ]
+    code = (
+        "import sys, contextlib, io; from production.cli.main import main\n"
+        f"for argv in {cases!r}:\n"
+        "    with contextlib.redirect_stderr(io.StringIO()) as err:\n"
+        "        assert main(argv) == 2 and err.getvalue().startswith('error: '), (argv, err.getvalue())\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -172,15 +172,35 @@ def finished_run(tmp_path_factory, token_file):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "float", "too_big_ids", "short", "size", "exp", "heads", "flag", "resume_nothing", "device"]
+    "case",
+    [
+        "missing",
+        "text",
+        "objects",
+        "float",
+        "too_big_ids",
+        "short",
+        "size",
+        "exp",
+        "heads",
+        "flag",
+        "resume_nothing",
+        "device",
+    ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_overwritten(tmp_path, token_file, finished_run, case):
     out = finished_run
     before = digest(out)
     bad = tmp_path / "bad.npy"
     data, extra, expect = token_file, [], ""
-    if case == "missing":
-        data, expect = tmp_path / "nope.npy", "does not exist"
+    if case == "missing":  # the hint is a command that works: --tokens given, the directory kept
+        data, expect = tmp_path / "nope.npy", f"prepare_fineweb.py --tokens 100M --output {tmp_path / 'nope.npy'}"
+    elif case == "text":
+        bad.write_text("a text file named .npy")
+        data, expect = bad, "is not a NumPy .npy file"
+    elif case == "objects":
+        np.save(bad, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        data, expect = bad, "holds Python objects"
     elif case == "float":
         np.save(bad, np.zeros(40_000, dtype=np.float64))
         data, expect = bad, "float64"

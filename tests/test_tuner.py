@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-from conftest import REPO, TINY, call, run_main
+from conftest import REPO, TINY, call, checkout_runs, run_main
 from production.cache.kvcache import fill_random
 from production.cache.policy import parse_policy
-from production.config.resolve import resolve_model
+from production.config.build import resolve_model
 from production.config.sampling import GuardLimits
 from production.model.attention import cache_widths
 from production.model.gpt import GPT
@@ -190,3 +190,13 @@ def test_no_environment_variable_changes_behaviour():
         for f in ("main.py", "prepare_fineweb.py", "run_paper_manifest.py", "generate_paper_figures.py")
     )
     assert not re.search(r"os\.environ|getenv\(", code)
+
+
+def test_the_default_store_is_the_working_directory_s_never_the_checkout_s(tmp_path, token_file):
+    """A tuner decision with no --tuner-store lands in ./runs/tuner.json of where the command runs (the tests
+    run in a temporary directory), and the checkout's own runs/ is byte-for-byte untouched."""
+    before = checkout_runs()
+    proc = run_main("--mode", "train", *TINY, "--data", token_file, "--out-dir", tmp_path / "run", "--steps", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert DecisionStore(tmp_path / "runs" / "tuner.json").entries()  # the decision is where the command ran
+    assert checkout_runs() == before

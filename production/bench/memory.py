@@ -20,8 +20,8 @@ import torch
 
 from production.cache.memory import measure_cache, time_decode_step
 from production.cache.policy import PAPER_POLICY, parse_policy
+from production.config.build import resolve_model
 from production.config.presets import EXPERIMENTS, SIZES
-from production.config.resolve import resolve_model
 from production.core.atomic import write_json
 from production.core.entry import Parser, command
 from production.core.errors import UserError

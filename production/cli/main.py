@@ -8,6 +8,7 @@ User mistakes print one `error: ...` line and exit 2 before any file of an earli
 import importlib
 import sys
 
+from production.cli.checks import CHECKS
 from production.config.fields import add_arguments, check_mode, given, with_defaults
 from production.core.entry import Parser, command
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     values = given(build_parser().parse_args(argv))
     mode = with_defaults(values)["mode"]
     check_mode(values, mode)
+    CHECKS[mode](with_defaults(values))
     # The one lazy import of the project: torch and the mode's command load only once the arguments parse.
     mode_command = importlib.import_module(f"production.cli.{mode}")
     return mode_command.run(values, argv)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -12,6 +11,7 @@ from production.cache.policy import parse_policy
 from production.config.fields import with_defaults
 from production.config.sampling import GuardLimits, SamplingConfig
 from production.core.errors import UserError
+from production.core.layout import checkpoint_file
 from production.core.runtime import device_signature, resolve_runtime
 from production.data.tokenizer import get_tokenizer
 from production.model.attention import cache_widths
@@ -38,18 +38,14 @@ TUNER_KEYS = (
 
 def run(values: dict, argv: list[str]) -> int:
     v = with_defaults(values)
-    if v["ckpt"] is None:
-        raise UserError("--mode sample needs --ckpt runs/<id>/best.pt")
     options = ("max_new_tokens", "temperature", "top_k", "greedy", "seed")
     cfg = SamplingConfig(**{k: v[k] for k in options if v[k] is not None})
     runtime = resolve_runtime(v["device"], v["dtype"], compile=False)
-    ckpt_path = Path(v["ckpt"])
+    ckpt_path = checkpoint_file(v["ckpt"])
     model, ckpt = load_model(ckpt_path, runtime.device)
     tokenizer = get_tokenizer()
     ids = prompt_ids(v["prompt"], v["prompt_tokens"], tokenizer, model.cfg.vocab_size)
     max_seq = model.cfg.block_size if v["max_seq"] is None else v["max_seq"]
-    if max_seq < 1:
-        raise UserError(f"--max-seq must be positive, got {max_seq}")
     if len(ids) + cfg.max_new_tokens > max_seq:
         raise UserError(
             f"prompt ({len(ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds max_seq "

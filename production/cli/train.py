@@ -48,8 +48,6 @@ def _run(v: dict, argv: list[str], resolved: ResolvedRun, ctx: DistContext) -> i
     record["data"] = splits.info
     out_dir = v["out_dir"] or default_run_dir(resolved.size, resolved.exp, resolved.train.seed)
     run = RunDir(Path(out_dir))
-    if v["save_every_s"] <= 0:
-        raise UserError(f"--save-every-s must be positive, got {v['save_every_s']}")
     resume = find_resume(v, run, record, ctx.is_main, say)
     if resume is not None and resume[1]["step"] >= resolved.train.steps:
         say(f"{resume[0]} is already at step {resume[1]['step']} of {resolved.train.steps}: nothing to train")
@@ -96,8 +94,6 @@ def find_resume(v: dict, run: RunDir, record: dict, is_main: bool, say) -> tuple
     directory that holds a log but no checkpoint is a start interrupted before anything was saved: its log is
     set aside and the run starts over, with or without --resume."""
     if v["resume_path"] is not None:
-        if not v["resume_path"].is_file():
-            raise UserError(f"--resume-path {v['resume_path']} is not a file (give a run's last.pt)")
         return checked(v["resume_path"], record)
     if run.last.exists():
         if not v["resume"]:
@@ -139,8 +135,6 @@ def interrupted_message(summary: dict, steps: int, run: RunDir, argv: list[str],
 
 
 def check_stop_at(stop_at: int | None, resume: tuple[Path, dict] | None) -> None:
-    if stop_at is not None and stop_at < 1:
-        raise UserError(f"--stop-at must be a positive step, got {stop_at}")
     if resume is not None and stop_at is not None and stop_at <= resume[1]["step"]:
         raise UserError(f"--stop-at {stop_at} is not past the checkpoint's step {resume[1]['step']}")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from production.core.atomic import write_text
+from production.core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # where main.py is
 RUNS_ROOT = Path("runs")
@@ -31,6 +32,20 @@ def default_run_dir(size: str, exp: str, seed: int) -> Path:
 def default_mem128k_path(size: str, exp: str) -> Path:
     """Where a preset's memory report goes when it names no checkpoint and no --out."""
     return RUNS_ROOT / f"mem128k_{size}_{exp}.json"
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint named by its file, or by its run directory (its best.pt, else its last.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        run = RunDir(path)
+        found = next((p for p in (run.best, run.last) if p.is_file()), None)
+        if found is None:
+            raise UserError(f"{path} is a directory without best.pt or last.pt; give a run directory or a .pt file")
+        return found
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist (give a run directory, or its best.pt / last.pt)")
+    return path
 
 
 @dataclass(frozen=True)

@@ -62,11 +62,18 @@ class TokenStream:
         return max(int(p[i : i + chunk].max()) for p, i in bar)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+PREPARE = "python prepare_fineweb.py"
+
+
 def _open_npy(path: Path) -> np.ndarray:
+    with open(path, "rb") as f:
+        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise UserError(f"{path} is not a NumPy .npy file (no .npy header); write token files with {PREPARE}")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise UserError(f"{path} is not a plain .npy token array ({e}); write it with prepare_fineweb.py") from e
+    except ValueError as e:  # numpy's advice here is to allow pickles: never pass it on
+        raise UserError(f"{path} holds Python objects, not a uint16 token array; write it with {PREPARE}") from e
     if arr.dtype != np.uint16:
         raise UserError(
             f"{path} holds {arr.dtype} values; expected uint16 GPT-2 token ids "
@@ -97,8 +104,8 @@ def open_tokens(path: str | Path) -> tuple[TokenStream, str]:
     path = Path(path)
     if not path.exists():
         raise UserError(
-            f"data path {path} does not exist; create it with "
-            f"`python prepare_fineweb.py --output {path.name}` or omit --data to use the embedded corpus"
+            f"data path {path} does not exist; create it with `{PREPARE} --tokens 100M --output {path}` "
+            "or omit --data to use the embedded corpus"
         )
     openers = {".npy": _open_npy, ".bin": _open_llmc_bin}
     if path.is_dir():

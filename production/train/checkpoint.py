@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 
 from production.core.atomic import atomic_path
 from production.core.errors import UserError
+from production.core.layout import checkpoint_file
 from production.model.config import ModelConfig
 from production.model.gpt import GPT
 
@@ -21,15 +23,20 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict:
-    """A checkpoint of this harness (`mmap`: tensors stay on disk until touched, for reading the config only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+    """A checkpoint of this harness, named by its file or its run directory (`mmap`: tensors stay on disk until
+    touched, for reading the config only)."""
+    path = checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:  # a truncated, foreign or code-carrying file: say which and why, no traceback
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            # torch's advice here is an unsafe load: never pass it on
+            raise UserError(
+                f"{path} is not a checkpoint of this harness: it holds Python objects that only an unsafe load "
+                "(one that runs code from the file) could read"
+            ) from e
         raise UserError(
-            f"checkpoint {path} cannot be read safely ({type(e).__name__}: {str(e).splitlines()[0]})"
+            f"{path} is not a readable checkpoint (truncated, or not written by torch.save: {type(e).__name__})"
         ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this harness (no model/config entries)")

@@ -1,0 +1,53 @@
+"""What `main.py` checks before it imports torch: flags, presets, overrides, paths and formats. A mistake found
+here answers in a fraction of a second; the mode's command repeats none of it. (What needs torch to know, such
+as whether CUDA is present, a checkpoint's contents or a policy's streams, is checked by the command itself.)"""
+
+from __future__ import annotations
+
+import re
+
+from production.config.build import check_overrides, resolve_model, resolve_train
+from production.config.fields import BY_NAME, RESOLVED_SECTIONS, section
+from production.config.sampling import SamplingConfig
+from production.core.errors import UserError
+from production.core.layout import checkpoint_file
+from production.data.files import open_tokens
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+SAMPLING_OPTIONS = ("max_new_tokens", "temperature", "top_k", "greedy", "seed")
+
+
+def check_device(device: str) -> None:
+    if not DEVICE.fullmatch(device):
+        raise UserError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def check_train(v: dict) -> None:
+    """`v`: every field (with_defaults)."""
+    check_device(v["device"])
+    overrides = check_overrides({k: x for k, x in v.items() if BY_NAME[k].section in RESOLVED_SECTIONS})
+    resolve_model(v["size"], v["exp"], section(overrides, "model"))
+    resolve_train(v["size"], v["exp"], section(overrides, "train"))
+    if v["data"] is not None:
+        open_tokens(v["data"])
+    if v["save_every_s"] <= 0:
+        raise UserError(f"--save-every-s must be positive, got {v['save_every_s']}")
+    if v["stop_at"] is not None and v["stop_at"] < 1:
+        raise UserError(f"--stop-at must be a positive step, got {v['stop_at']}")
+    if v["resume_path"] is not None and not v["resume_path"].is_file():
+        raise UserError(f"--resume-path {v['resume_path']} is not a file (give a run's last.pt)")
+
+
+def check_sample(v: dict) -> None:
+    check_device(v["device"])
+    if v["ckpt"] is None:
+        raise UserError("--mode sample needs --ckpt (a run directory, or its best.pt / last.pt)")
+    checkpoint_file(v["ckpt"])
+    SamplingConfig(**{k: v[k] for k in SAMPLING_OPTIONS if v[k] is not None})
+    if (v["prompt"] is None) == (v["prompt_tokens"] is None):
+        raise UserError('give exactly one of --prompt TEXT or --prompt-tokens "ID ID ..."')
+    if v["max_seq"] is not None and v["max_seq"] < 1:
+        raise UserError(f"--max-seq must be positive, got {v['max_seq']}")
+
+
+CHECKS = {"train": check_train, "sample": check_sample}
