@@ -10,8 +10,15 @@ from pathlib import Path
 
 from production.core.entry import Parser, command
 from production.core.errors import UserError
-from production.paper.manifest import RunPlan, load_manifest, plan_runs, select_runs, torchrun_launcher
-from production.paper.runner import RunInterrupted, check_data, run_one, table
+from production.paper.manifest import (
+    RunPlan,
+    load_manifest,
+    plan_runs,
+    same_training,
+    select_runs,
+    torchrun_launcher,
+)
+from production.paper.runner import RunInterrupted, check_data, record_same, run_one, table
 
 
 def build_parser() -> Parser:
@@ -47,7 +54,11 @@ def print_plans(group: dict, plans: list[RunPlan]) -> None:
         print(f"data: {data}" + ("" if Path(data).exists() else " (MISSING: create it with prepare_fineweb.py)"))
     else:
         print("data: the embedded corpus")
+    same = same_training(plans)
     for plan in plans:
+        if plan.id in same:
+            print(f"\n{plan.id}: the same training as {same[plan.id]} (identical config and data): not run again")
+            continue
         m, t = plan.resolved["model"], plan.resolved["train"]
         dims = " ".join(
             [
@@ -77,18 +88,22 @@ def main(argv=None) -> int:
         print_plans(group, plans)
         return 0
     check_data(plans)
-    t0, results = time.time(), []
+    t0, results, same = time.time(), {}, same_training(plans)
     try:
         for plan in plans:
-            results.append(run_one(plan, args.runs_dir, args.manifest, sha, args.device, args.post_mem128k))
+            if plan.id in same:
+                primary = results[same[plan.id]]
+                results[plan.id] = record_same(plan, primary, args.runs_dir, args.manifest, sha)
+            else:
+                results[plan.id] = run_one(plan, args.runs_dir, args.manifest, sha, args.device, args.post_mem128k)
     except RunInterrupted as stopped:
-        results.append(stopped.result)
-        print(f"\ngroup {args.group}: stopped after {time.time() - t0:.0f}s\n{table(results)}")
+        results[stopped.result.id] = stopped.result
+        print(f"\ngroup {args.group}: stopped after {time.time() - t0:.0f}s\n{table(list(results.values()))}")
         print(f"\ninterrupted during {stopped.result.id}; {RERUN}", file=sys.stderr)
         return 130
     print(f"\ngroup {args.group}: {len(results)} run(s) in {time.time() - t0:.0f}s")
-    print(table(results))
-    return 1 if any(r.status == "failed" for r in results) else 0
+    print(table(list(results.values())))
+    return 1 if any(r.status == "failed" for r in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import run_paper_manifest
 from conftest import REPO, call, run_main
 from production.core.errors import UserError
 from production.paper.manifest import load_manifest, plan_runs, select_runs
+from production.paper.results import collect_run
 
 TINY = {"n_layer": 1, "d_model": 64, "d_ff": 128, "block_size": 32, "batch_size": 4, "eval_every": 4, "eval_iters": 1}
 
@@ -177,3 +178,20 @@ def test_ctrl_c_on_the_runner_stops_its_child_records_it_and_a_rerun_resumes(tmp
     assert again.returncode == 0, again.stdout + again.stderr
     assert " resumed " in again.stdout.splitlines()[-1]
     assert json.loads((runs_dir / "a" / "resolved_run.json").read_text())["status"] == "resumed"
+
+
+def test_identical_runs_train_once_and_both_ids_have_results(tmp_path, token_file):
+    runs_dir = tmp_path / "runs"
+    m = write_manifest(tmp_path / "m.json", [spec("a"), spec("a_again"), spec("other", seed=2)], data=str(token_file))
+    dry = run_manifest("--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--dry-run")
+    assert "a_again: the same training as a (identical config and data): not run again" in dry.stdout
+    proc = run_manifest("--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[-3:]}
+    assert " same " in rows["a_again"] and "same training as a" in rows["a_again"]
+    assert [p.name for p in (runs_dir / "a_again").iterdir()] == ["resolved_run.json"]  # nothing trained
+    assert (runs_dir / "other" / "best.pt").exists()
+    manifest, _ = load_manifest(m)
+    group = manifest["groups"][0]
+    a, again = (collect_run(s, group, runs_dir, partial=True) for s in group["runs"][:2])
+    assert again["same_as"] == "a" and again["best_val_loss"] == a["best_val_loss"] and again["id"] == "a_again"

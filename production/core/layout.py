@@ -90,6 +90,12 @@ class RunDir:
     def events(self) -> list[dict]:
         return read_events(self.log)
 
+    def same_as(self) -> str | None:
+        """The id of the run whose files stand for this one: the manifest runner trains identical runs once."""
+        if not self.provenance.exists():
+            return None
+        return json.loads(self.provenance.read_text()).get("same_as")
+
     def state(self) -> str:
         """finished (a `done` event), resumable (a last.pt), or fresh."""
         if any(e["type"] == "done" for e in self.events()):

@@ -208,6 +208,19 @@ def plan_runs(
     return plans
 
 
+def same_training(plans: list[RunPlan]) -> dict[str, str]:
+    """Run id -> the id of an earlier plan that trains exactly the same thing (model, recipe with seed and steps,
+    data). The manifest keeps both ids, as the paper lists both; the runner trains the first one only."""
+    first, same = {}, {}
+    for plan in plans:
+        key = json.dumps([plan.resolved["model"], plan.resolved["train"], plan.data], sort_keys=True)
+        if key in first:
+            same[plan.id] = first[key]
+        else:
+            first[key] = plan.id
+    return same
+
+
 def manifest_world_size(launcher: tuple[str, ...]) -> int:
     """Processes per node of a torchrun launcher (the check that needs the node count happens in main.py)."""
     return int(launcher[launcher.index("--nproc_per_node") + 1]) if launcher else 1

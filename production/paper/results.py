@@ -38,6 +38,9 @@ def collect_run(spec: dict, group: dict, runs_dir: Path, partial: bool) -> dict:
     run_id, run = spec["id"], RunDir(runs_dir / spec["id"])
     row = {"id": run_id, "group": group["name"], "variant": variant_of(run_id), "exp": spec["exp"]}
     row.update(size=spec["size"], seed=spec["seed"], steps=spec["steps"], status="ok", missing=[])
+    primary = run.same_as()
+    if primary is not None:  # trained once under another id of the manifest: its files are this run's
+        row["same_as"], run = primary, RunDir(runs_dir / primary)
 
     def absent(what: str, status: str = "incomplete") -> None:
         if not partial:

@@ -25,7 +25,7 @@ MEM128K_SCRIPT = REPO_ROOT / "production" / "bench_end_to_end_memory.py"
 @dataclass
 class RunResult:
     id: str
-    status: str  # done | skipped | resumed | failed | interrupted
+    status: str  # done | skipped | resumed | failed | interrupted | same (as another run of the group)
     best_val_loss: float | None = None
     wall_s: float = 0.0
     reason: str = ""
@@ -156,6 +156,30 @@ def finish(result: RunResult, run: RunDir, status: str, reason: str, t0: float) 
         write_json(run.provenance, record)
     result.wall_s = time.time() - t0
     return result
+
+
+def record_same(plan: RunPlan, primary: RunResult, runs_dir: Path, manifest_path: Path, manifest_sha: str) -> RunResult:
+    """A run whose training is identical to `primary`'s: not trained again. Its directory holds only
+    resolved_run.json, whose `same_as` points results, tables and figures at the primary's files."""
+    run = RunDir(runs_dir / plan.id)
+    run.path.mkdir(parents=True, exist_ok=True)
+    if primary.status in ("failed", "interrupted"):
+        status, reason = "failed", f"same training as {primary.id}, which did not finish"
+    else:
+        status, reason = "same", f"same training as {primary.id} (identical resolved config and data)"
+    record = {
+        "id": plan.id,
+        "group": plan.group,
+        "manifest": str(manifest_path),
+        "manifest_sha256": manifest_sha,
+        "spec": plan.spec,
+        "same_as": primary.id,
+        "status": status,
+        "reason": reason,
+        "finished": now(),
+    }
+    write_json(run.provenance, record)
+    return RunResult(plan.id, status, primary.best_val_loss, 0.0, reason)
 
 
 def check_data(plans: list[RunPlan]) -> None:
