@@ -17,10 +17,13 @@ from production.paper.manifest import load_manifest
 from production.paper.results import collect
 from production.paper.tables import number_macros, table
 
-MAIN_CAPTION = (
-    "Attention variants: parameters, attention widths, best validation loss (mean $\\pm$ std over seeds, n), KV "
-    "cache at 128k tokens and its compression against the standard fp16 cache."
-)
+
+def main_caption(results: dict) -> str:
+    loss = "mean $\\pm$ std over seeds, n" if results["max_seeds"] >= 2 else "one seed"
+    return (
+        f"Attention variants: parameters, attention widths, best validation loss ({loss}), KV cache at 128k "
+        "tokens and its compression against the standard fp16 cache."
+    )
 
 
 def build_parser() -> Parser:
@@ -46,16 +49,23 @@ def main(argv=None) -> int:
     if unknown:
         raise UserError(f"no group {unknown[0]!r} in {args.manifest}; groups: {', '.join(names)}")
     groups = [manifest["groups"][names.index(g)] for g in wanted]
-    results = collect(manifest, groups, args.runs_dir, args.partial)
+    results = collect(manifest, groups, args.runs_dir, partial=True)
+    missing = results["missing_runs"]
+    if missing and not args.partial:
+        why = "; ".join(f"run {r['id']}: {r['missing'][0]}" for r in results["runs"] if r["status"] != "ok")
+        raise UserError(
+            f"{len(missing)} run(s) missing or unfinished ({why}); run them with run_paper_manifest.py, "
+            "or pass --partial"
+        )
+    results["partial"] = args.partial
     results["manifest"] = {"path": str(args.manifest), "sha256": sha}
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "paper_results.json", json.dumps(results, indent=2) + "\n")
     plot_convergence(results, args.out / "fig_convergence.png")
     plot_pareto(results, args.out / "fig_pareto_memory_vs_loss.png")
-    write_text(args.out / "table_main.tex", table(results, "main", MAIN_CAPTION, "tab:main"))
+    write_text(args.out / "table_main.tex", table(results, "main", main_caption(results), "tab:main"))
     write_text(args.out / "table_scale.tex", table(results, "scale", "Scale: the 1B-parameter runs.", "tab:scale"))
     write_text(args.out / "paper_numbers.tex", number_macros(results))
-    missing = results["missing_runs"]
     print(
         f"wrote {args.out}/: paper_results.json, fig_convergence.png, fig_pareto_memory_vs_loss.png, "
         f"table_main.tex, table_scale.tex, paper_numbers.tex ({len(results['runs'])} runs"

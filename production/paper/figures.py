@@ -54,7 +54,8 @@ def plot_convergence(results: dict, path: Path) -> None:
             ax.set_title(f"{g}: {title}", fontsize=11)
     if not groups:
         axes[0][0].text(0.5, 0.5, "no runs", ha="center", va="center", transform=axes[0][0].transAxes)
-    fig.suptitle("Validation loss on fixed held-out windows: mean over seeds, band = min-max", fontsize=12)
+    spread = ": mean over seeds, band = min-max" if results["max_seeds"] >= 2 else " (one seed per variant)"
+    fig.suptitle(f"Validation loss on fixed held-out windows{spread}", fontsize=12)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -126,7 +127,8 @@ def plot_pareto(results: dict, path: Path) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     context = next((a["kv"]["context_len"] for a in results["variants"] if a.get("kv")), 131072)
     ax.set_xlabel(f"KV-cache bytes at {context:,} tokens (log scale)")
-    ax.set_ylabel("best validation loss (nats), mean ± std over seeds")
+    over_seeds = ", mean ± std over seeds" if results["max_seeds"] >= 2 else ""
+    ax.set_ylabel(f"best validation loss (nats){over_seeds}")
     ax.set_title("Memory vs quality: filled = fp16 cache, hollow = quantized (Q4/Q8/Q4)")
     ax.grid(alpha=0.3, which="both")
     if not shown:

@@ -63,7 +63,8 @@ def collect_run(spec: dict, group: dict, runs_dir: Path, partial: bool) -> dict:
         return row
     if not done:
         absent(f"{log} has no done event (unfinished)")
-    model = metas[-1]["config"]["model"]
+    config = metas[-1]["config"]
+    model, recipe, data = config["model"], config["train"], config.get("data", {})
     row.update(
         {
             "n_params": metas[-1]["n_params"],
@@ -78,6 +79,10 @@ def collect_run(spec: dict, group: dict, runs_dir: Path, partial: bool) -> dict:
             "null_attn": model["null_attn"],
             "tie_qk": model["tie_qk"],
             "rope": model["rope"],
+            "block_size": model["block_size"],
+            "batch_tokens": recipe["batch_size"] * recipe["grad_accum"] * model["block_size"],
+            "data_source": data.get("source"),
+            "data_tokens": data.get("n_tokens"),
             "best_val_loss": done[-1]["best_val_loss"] if done else min(e["val_loss"] for e in evals),
             "final_val_loss": evals[-1]["val_loss"],
             "final_step": evals[-1]["step"],
@@ -227,4 +232,5 @@ def collect(manifest: dict, groups: list[dict], runs_dir: Path, partial: bool) -
         "comparisons": comparisons(aggs, rows),
         "partial": partial,
         "missing_runs": [r["id"] for r in rows if r["status"] != "ok"],
+        "max_seeds": max((a["best_val_loss"]["n"] for a in aggs), default=0),
     }

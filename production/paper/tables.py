@@ -30,6 +30,7 @@ def table(results: dict, which: str, caption: str, tex_label: str) -> str:
         r"\small",
         rf"\caption{{{caption}}}",
         rf"\label{{{tex_label}}}",
+        r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",  # shrink only if too wide
         r"\begin{tabular}{llrlrll}",
         r"\toprule",
         r"Group & Variant & Params & Attention dims & Best val loss & KV @128k & Compression \\",
@@ -62,7 +63,7 @@ def table(results: dict, which: str, caption: str, tex_label: str) -> str:
             lines.append(
                 f"{tex_escape(g)} & {name} & {params} & {attention_dims(a)} & {loss} & {kv_cell} & {comp} \\\\"
             )
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}}"]
     if any(len(a["runs_with_results"]) < len(a["runs"]) for a in aggs):
         lines.append(r"\\[2pt]{\footnotesize $^\dagger$ some runs of this variant are missing or unfinished.}")
     lines.append(r"\end{table}")
@@ -97,5 +98,54 @@ def number_macros(results: dict) -> str:
         "DBAbestBottleneck": fmt(best["paper_bottleneck"], ".3f"),
         "DBAbestDecoupled": fmt(best["paper_decoupled"], ".3f"),
         "DBAbestGQA": fmt(best["paper_gqa"], ".3f"),
+        "DBAsetup": setup_text(results),
+        "DBAconvergenceCaption": "Validation loss against training step"
+        + (", mean over seeds with the min--max band." if results["max_seeds"] >= 2 else ", one seed per variant."),
     }
     return "".join(f"\\newcommand{{\\{k}}}{{{v}}}\n" for k, v in macros.items())
+
+
+def either(values: list) -> str:
+    """Distinct values in order of appearance: "6000", "6000 or 12000"."""
+    distinct = list(dict.fromkeys(values))
+    return ", ".join(map(str, distinct[:-1])) + (" or " if len(distinct) > 1 else "") + str(distinct[-1])
+
+
+def fmt_tokens(n: int) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}K"
+
+
+def describe_data(source: str | None, n_tokens: int | None) -> str:
+    """The data a run recorded in its resolved config, as the setup section names it."""
+    count = "" if n_tokens is None else f", {fmt_tokens(n_tokens)} tokens"
+    if source is None:
+        return "data its log does not name"
+    if source.startswith("embedded:"):
+        return f"the embedded corpus, {tex_escape(source.removeprefix('embedded:'))}{count}"
+    name = tex_escape(source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1])
+    if "fineweb" in source.lower():
+        return rf"FineWeb-Edu~\citep{{penedo2024fineweb}} tokens from \texttt{{{name}}}{count}"
+    return rf"the token file \texttt{{{name}}}{count}"
+
+
+def setup_text(results: dict) -> str:
+    """One sentence per reported group, from what its runs actually resolved to and trained on."""
+    sentences = []
+    for g in results["groups"]:
+        rows = [r for r in results["runs"] if r["group"] == g["name"] and "n_params" in r]
+        name = tex_escape(g["name"])
+        if not rows:
+            sentences.append(rf"Group \texttt{{{name}}} has no runs with results yet.")
+            continue
+        shape = either([f"{r['n_layer']} layers, $d={r['d_model']}$" for r in rows])
+        sizes = either([rf"\texttt{{{r['size']}}}" for r in rows])
+        steps = either([r["steps"] for r in rows])
+        batch = either([f"{r['batch_tokens']:,}".replace(",", "{,}") for r in rows])
+        data = either([describe_data(r.get("data_source"), r.get("data_tokens")) for r in rows])
+        seeds = len({r["seed"] for r in rows})
+        seed_text = f"{seeds} seeds" if seeds > 1 else "one seed"
+        sentences.append(
+            rf"The {len(rows)} runs of group \texttt{{{name}}} use the {sizes} preset ({shape}) and train "
+            f"for {steps} steps of {batch} tokens each on {data}, with {seed_text}."
+        )
+    return " ".join(sentences)
