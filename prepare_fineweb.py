@@ -9,7 +9,16 @@ from pathlib import Path
 
 from production.core.entry import Parser, command
 from production.core.errors import UserError
-from production.data.prepare import PrepareArgs, default_config, default_workers, parse_count, prepare
+from production.data.tokenize import default_workers, parse_count
+
+try:  # `datasets` (with pyarrow) is an optional install: only data preparation needs it
+    from production.data.prepare import PrepareArgs, default_config, prepare
+
+    MISSING = None
+except ModuleNotFoundError as e:
+    if e.name not in ("datasets", "pyarrow"):
+        raise
+    MISSING = e.name
 
 
 def build_parser() -> Parser:
@@ -40,6 +49,8 @@ def build_parser() -> Parser:
 @command(interrupted="interrupted; nothing was written to the output (its temp file is removed)")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if MISSING:
+        raise UserError(f"prepare_fineweb.py needs the `{MISSING}` package: pip install -r requirements-prepare.txt")
     n = parse_count(args.tokens)
     hub = args.source == ["hf"]
     if not hub and "hf" in args.source:

@@ -4,9 +4,10 @@ import os
 import resource
 
 import prepare_fineweb
+from conftest import assert_user_error, call
 from production.core import runtime
 from production.core.runtime import maxrss_bytes, peak_rss_bytes
-from production.data.prepare import default_workers
+from production.data.tokenize import default_workers
 
 
 def test_ru_maxrss_is_kib_on_linux_and_bytes_on_macos():
@@ -31,3 +32,9 @@ def test_worker_default_without_sched_getaffinity(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert default_workers() == 1
     assert prepare_fineweb.build_parser().get_default("workers") == 1
+
+
+def test_prepare_without_its_optional_packages_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(prepare_fineweb, "MISSING", "datasets")
+    proc = call(prepare_fineweb.main, "--tokens", "1M", "--output", "x.npy")
+    assert_user_error(proc, "`datasets`", "pip install -r requirements-prepare.txt")

@@ -7,16 +7,21 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-import prepare_fineweb
-from conftest import REPO, call
-from production.core.errors import UserError
-from production.data.corpus import clean_play, play_files
-from production.data.files import open_tokens
-from production.data.prepare import PrepareArgs, parse_count, prepare
+OPTIONAL = "data preparation is an optional install: pip install -r requirements-prepare.txt"
+pytest.importorskip("datasets", reason=OPTIONAL)
+pa = pytest.importorskip("pyarrow", reason=OPTIONAL)
+
+import pyarrow.parquet as pq  # noqa: E402
+
+import prepare_fineweb  # noqa: E402
+from conftest import REPO, call  # noqa: E402
+from production.core.errors import UserError  # noqa: E402
+from production.data.corpus import clean_play, play_files  # noqa: E402
+from production.data.files import open_tokens  # noqa: E402
+from production.data.prepare import PrepareArgs, prepare  # noqa: E402
+from production.data.tokenize import parse_count  # noqa: E402
 
 EXTRA = ["naïve café — “quotes” 😀 <|endoftext|> in text", "", "   ", "line\r\nbreaks\tand tabs"]
 

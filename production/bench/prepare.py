@@ -24,7 +24,7 @@ from production.core.entry import Parser, command
 from production.core.layout import REPO_ROOT
 from production.core.runtime import maxrss_bytes
 from production.data.corpus import clean_play, play_files
-from production.data.prepare import parse_count
+from production.data.tokenize import parse_count
 
 # runs a command and prints the raw ru_maxrss (KiB on Linux, bytes on macOS) of its largest descendant
 PEAK_WRAPPER = (

@@ -167,6 +167,7 @@ def print_table(report: dict, args, runtime: RuntimeConfig) -> None:
         ratio = "-" if r["ratio_to_standard"] is None else f"{r['ratio_to_standard']:.3f}"
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"{m:<11}{r['n_params'] / 1e6:>9.1f}M{r['ms_per_step']:>10.1f}{r['tok_s']:>11,.0f}{ratio:>8}{mfu:>7}")
+    print("vs std: this mode's step time over the standard model's (below 1 is faster); MFU: CUDA only")
 
 
 if __name__ == "__main__":

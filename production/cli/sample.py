@@ -58,7 +58,8 @@ def run(values: dict, argv: list[str]) -> int:
         request = AutoRequest(limits, v["max_cache_bytes"], v["tuner_max_candidates"], max_seq, v["cache_dir"])
         policy_text, tuner = auto_policy(model, ckpt_path, ckpt, ids, request, runtime, store)
         print(
-            f"kv-policy auto: {policy_text} ({tuner['source']}, {tuner['candidates_tried']} candidates judged, "
+            f"kv-policy auto: {policy_text} ({tuner['source']}, "
+            f"{plural(tuner['candidates_tried'], 'candidate')} judged, "
             f"max|dlogit| {tuner['guard']['max_abs_logit']:.3f}, dNLL {tuner['guard']['delta_nll']:+.4f})",
             file=sys.stderr,
         )
@@ -94,3 +95,7 @@ def run(values: dict, argv: list[str]) -> int:
         report["tuner"] = {k: tuner[k] for k in TUNER_KEYS}
     print(json.dumps(report))
     return 0
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -14,7 +14,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -36,24 +35,6 @@ HF_DATASET = "HuggingFaceFW/fineweb-edu"
 SAMPLE_10BT_TOKENS = 10_000_000_000
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 DOCS_PER_BATCH = 1024
-
-
-def parse_count(text: str) -> int:
-    """'100M' -> 100_000_000; also K, B (and lowercase), decimals ('1.5B') and plain integers."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMbB]?)\s*", str(text))
-    if not m:
-        raise UserError(f"--tokens must look like 250K, 100M, 1.5B or an integer, got {text!r}")
-    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
-    if value < 1 or value != int(value):
-        raise UserError(f"--tokens must be a positive whole number of tokens, got {text!r}")
-    return int(value)
-
-
-def default_workers() -> int:
-    """The CPU cores this process may use (sched_getaffinity exists on Linux only; macOS has cpu_count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def default_config(n_tokens: int) -> str:
@@ -236,7 +217,8 @@ def prepare(a: PrepareArgs) -> dict:
     else:
         writer = BinWriter(tmp, a.shard_tokens, single=a.output.suffix == ".bin", name=a.output.name)
     digest, n, docs, t0 = hashlib.sha256(), 0, 0, time.time()
-    bar = tqdm(total=a.n_tokens, unit="tok", unit_scale=True, desc=a.output.name, smoothing=0.05)
+    # disable=None: no bar when stderr is not a terminal (a log file would fill with carriage returns)
+    bar = tqdm(total=a.n_tokens, unit="tok", unit_scale=True, desc=a.output.name, smoothing=0.05, disable=None)
     try:
         for tokens in ordered_results(iter_batches(a.source, a.config), a.workers):
             tokens = tokens[: a.n_tokens - n]

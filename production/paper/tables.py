@@ -16,7 +16,7 @@ def attention_dims(a: dict) -> str:
     if mode == "decoupled":
         return f"{a['sem_dim']}+{a['geo_dim']}"
     if mode == "gqa":
-        return f"{a['attn_dim']} ({a['kv_heads']} KV heads)"
+        return f"{a['attn_dim']} ({a['kv_heads']} KV head{'' if a['kv_heads'] == 1 else 's'})"
     return str(a["attn_dim"]) if mode else "--"
 
 

@@ -35,10 +35,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.store}: no decisions stored")
         return 0
     print(f"{args.store}: {len(entries)} decision(s)")
-    print(f"{'kind':<7} {'device':<36} {'config':<16} {'shapes':<40} decision")
-    for e in sorted(entries.values(), key=lambda e: (e["kind"], e["device"], e["updated"])):
-        shapes = ",".join(f"{k}={v}" for k, v in e["shapes"].items())
-        print(f"{e['kind']:<7} {e['device'][:36]:<36} {e['config']:<16} {shapes[:40]:<40} {summarize(e['value'])}")
+    rows = [
+        (
+            e["kind"],
+            e["device"],
+            e["config"],
+            ",".join(f"{k}={v}" for k, v in e["shapes"].items()),
+            summarize(e["value"]),
+        )
+        for e in sorted(entries.values(), key=lambda e: (e["kind"], e["device"], e["updated"]))
+    ]
+    header = ("kind", "device", "config", "shapes", "decision")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]  # whole values, never cut
+    for row in [header, *rows]:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:4], widths, strict=True)) + f"  {row[4]}")
     return 0
 
 
