@@ -1,12 +1,15 @@
 # Short helpers; every target also works as the plain command shown in README.md.
 PYTHON ?= python
 
-.PHONY: install demo test test-slow lint bench bench-gpu paper
+.PHONY: install install-prepare demo test test-slow lint bench bench-gpu paper
 
 install:  ## torch 2.13.0 only when no torch is installed (keeps your CUDA/MPS build), then the rest
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -r requirements.txt -r requirements-dev.txt -r requirements-prepare.txt
+	$(PYTHON) -m pip install -r requirements.txt -r requirements-dev.txt
 	$(PYTHON) -m pip install --no-deps -r requirements-data.txt
+
+install-prepare:  ## only for prepare_fineweb.py: Hugging Face datasets and pyarrow (about 0.3 GB)
+	$(PYTHON) -m pip install -r requirements-prepare.txt
 
 demo:  ## the main job on the embedded corpus: 3 to 10 minutes on 2 CPU cores
 	$(PYTHON) main.py --mode train --size nano --exp paper_decoupled
