@@ -155,7 +155,14 @@ def test_ctrl_c_on_the_runner_stops_its_child_records_it_and_a_rerun_resumes(tmp
     m = write_manifest(tmp_path / "m.json", [long_run], data=str(token_file))
     args = ["--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu"]
     command = [sys.executable, str(REPO / "run_paper_manifest.py"), *map(str, args)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(  # SIGINT handled as in a shell's foreground job, even where pytest runs in the background
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not (runs_dir / "a" / "last.pt").exists() and time.time() < deadline:  # past the step-0 checkpoint
         time.sleep(0.2)

@@ -29,6 +29,9 @@ def test_estimate_equals_measured_storage_on_cpu(kind, resid):
         assert record["measured_bytes"] == record["estimate_bytes"] == cache.nbytes()
         assert sum(s["measured_bytes"] for s in record["per_stream"].values()) == record["measured_bytes"]
         assert all(s["measured_bytes"] == s["estimate_bytes"] for s in record["per_stream"].values())
+        # the benchmark measures CPU caches on the meta device (no pages touched): the same record
+        on_meta, _ = measure_cache(cache_widths(cfg), cfg.n_layer, policy, 2, context, "meta")
+        assert on_meta == record
 
 
 def test_small_decomposition_at_128k(tmp_path):

@@ -1,7 +1,8 @@
 """KV-cache memory, estimated in closed form and measured on the real cache objects.
 
 Measurement by device: CUDA caching-allocator deltas (allocated, reserved, peak); MPS driver and current
-allocation deltas; CPU the exact storage bytes of every buffer the cache holds.
+allocation deltas; CPU the exact storage bytes of every buffer the cache holds (the same on the meta device,
+where the buffers have sizes but no memory: the benchmark measures CPU caches there unless it decodes).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _measurement(kind: str, before: dict, after: dict, device: str, stored: int)
         details["allocated_delta"] = after["allocated"] - before["allocated"]
         details["driver_delta"] = after["driver"] - before["driver"]
         return details["driver_delta"], {"method": "mps_driver", **details}
-    return stored, {"method": "cpu_storage", **details}
+    return stored, {"method": "cpu_storage", **details}  # cpu, or meta (the same storage sizes, no pages)
 
 
 def measure_cache(
