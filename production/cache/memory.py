@@ -28,7 +28,8 @@ def _device_counters(device: str) -> dict:
 
 def storage_bytes(tensors) -> int:
     """Bytes of every distinct storage behind the tensors."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    # keyed by the storage object itself (_cdata), not its address: every meta storage has address 0
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 
