@@ -1,6 +1,7 @@
 import contextlib
 import hashlib
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,19 @@ from production.data.tokenizer import gpt2_files  # noqa: E402
 
 # A tiny but real training config: nano presets with one narrow layer and short windows.
 TINY = "--size nano --n-layer 1 --d-model 64 --d-ff 128 --block 32 --batch-size 4 --device cpu --no-compile".split()
+
+
+INDUCTOR_CACHE = tempfile.mkdtemp(prefix="dba-tests-torchinductor-")
+
+
+def pytest_configure(config):
+    """torch makes its compile-cache folder (<temp>/torchinductor_<user>) as soon as torch.nn.attention.bias is
+    imported, at collection: point it at a folder this session removes."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = INDUCTOR_CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(INDUCTOR_CACHE, ignore_errors=True)
 
 
 def pytest_addoption(parser):

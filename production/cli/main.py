@@ -23,7 +23,7 @@ def build_parser() -> Parser:
     return p
 
 
-@command(interrupted="interrupted; nothing was saved (no training step had run: the same command starts over)")
+@command(interrupted="interrupted before anything was saved; the same command starts over")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     values = given(build_parser().parse_args(argv))
