@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY, assert_user_error, run_main
+from production.cli.train import resume_argv
 from production.data.splits import WindowSampler
 from production.train import loop
 
@@ -140,3 +141,9 @@ def test_last_pt_is_also_written_on_a_time_cadence(tmp_path, token_file, monkeyp
     assert [step for name, step in saved if name == "last.pt"] == [0, 1, 2, 3, 4]
     bad = run_main(*train_args(token_file, tmp_path / "other", recipe), "--save-every-s", "0")
     assert_user_error(bad, "--save-every-s")
+
+
+def test_the_continue_command_resumes_the_run_s_own_last_pt():
+    assert resume_argv(["--steps", "9", "--resume-path", "old/last.pt"]) == ["--steps", "9", "--resume"]
+    assert resume_argv(["--resume-path=old/last.pt", "--resume"]) == ["--resume"]
+    assert resume_argv(["--steps", "9"]) == ["--steps", "9", "--resume"]

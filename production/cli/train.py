@@ -122,16 +122,25 @@ def interrupted_message(summary: dict, steps: int, run: RunDir, argv: list[str],
     """What Ctrl-C leaves behind, and the command that continues (or restarts) the run."""
     launcher = f"torchrun --nproc-per-node {ctx.world_size} main.py" if ctx.active else "python main.py"
     if summary["saved_step"] is None:
-        command = shlex.join([*argv])
         return (
             f"interrupted before the first checkpoint; nothing to keep in {run.path}. "
-            f"The same command starts over:\n  {launcher} {command}"
+            f"The same command starts over:\n  {launcher} {shlex.join(argv)}"
         )
-    again = argv if {"--resume", "--resume-path"} & set(argv) else [*argv, "--resume"]
     return (
         f"interrupted at step {summary['step']}/{steps}; {run.last} holds step {summary['saved_step']}. "
-        f"Continue with:\n  {launcher} {shlex.join(again)}"
+        f"Continue with:\n  {launcher} {shlex.join(resume_argv(argv))}"
     )
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """argv that continues this run from its own last.pt: any --resume-path dropped, --resume added."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--resume-path"):
+            skip = arg == "--resume-path" and not skip
+            continue
+        kept.append(arg)
+    return kept if "--resume" in kept else [*kept, "--resume"]
 
 
 def check_stop_at(stop_at: int | None, resume: tuple[Path, dict] | None) -> None:
