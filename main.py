@@ -1,4 +1,4 @@
-"""Entry point: `python main.py --mode train|sample ...` (see README.md). All logic lives in production/."""
+"""Entry point: `python main.py --mode train|sample|export ...` (see README.md). All logic lives in production/."""
 
 import sys
 

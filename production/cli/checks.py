@@ -50,4 +50,15 @@ def check_sample(v: dict) -> None:
         raise UserError(f"--max-seq must be positive, got {v['max_seq']}")
 
 
-CHECKS = {"train": check_train, "sample": check_sample}
+def check_export(v: dict) -> None:
+    if v["ckpt"] is None or v["out"] is None:
+        raise UserError("--mode export needs --ckpt (a checkpoint or run directory) and --out DIR")
+    checkpoint_file(v["ckpt"])
+    out = v["out"]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not v["force"]:
+        raise UserError(f"--out {out} exists and is not empty; pass --force to replace its export files")
+
+
+CHECKS = {"train": check_train, "sample": check_sample, "export": check_export}

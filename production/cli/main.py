@@ -1,4 +1,4 @@
-"""`python main.py --mode train|sample ...`: the parser, generated from production.config.fields, the mode
+"""`python main.py --mode train|sample|export ...`: the parser, generated from production.config.fields, the mode
 checks, and the dispatch to the mode's command. Nothing here imports torch, so `--help` and usage mistakes
 answer at once.
 
@@ -16,8 +16,8 @@ from production.core.entry import Parser, command
 def build_parser() -> Parser:
     p = Parser(
         prog="main.py",
-        description="Decoupled Bottleneck Attention: train GPT-style models with four attention variants, and "
-        "sample from them with quantized KV caches.",
+        description="Decoupled Bottleneck Attention: train GPT-style models with four attention variants, "
+        "sample from them with quantized KV caches, and export them as safetensors.",
     )
     add_arguments(p, group_by_mode=True)
     return p

@@ -19,7 +19,8 @@ from production.config.sampling import MAX_CANDIDATES, GuardLimits, SamplingConf
 from production.core.errors import UserError
 from production.core.layout import CORPUS_CACHE_DIR, DEFAULT_TUNER_STORE
 
-TRAIN, SAMPLE, BOTH = ("train",), ("sample",), ("train", "sample")
+TRAIN, SAMPLE, BOTH, EXPORT = ("train",), ("sample",), ("train", "sample"), ("export",)
+ALL = (*BOTH, *EXPORT)
 SWITCH = "switch"  # a store_true flag; `bool` fields get --x / --no-x
 
 
@@ -28,7 +29,7 @@ class Field:
     name: str  # the config / dict key
     type: type | str  # int, float, str, Path, bool or SWITCH
     help: str
-    section: str  # model | train | runtime | run | sample | common
+    section: str  # model | train | runtime | run | sample | export | common
     modes: tuple[str, ...] = TRAIN
     default: object = None  # None: the preset / dataclass decides
     flag: str | None = None  # default --name-with-dashes
@@ -50,7 +51,7 @@ def _guard_default(name: str):
 PRESET = " (default: the preset's)"
 # fmt: off
 FIELDS: tuple[Field, ...] = (
-    Field("mode", str, "what to do", "common", BOTH, "train", choices=("train", "sample")),
+    Field("mode", str, "what to do", "common", ALL, "train", choices=("train", "sample", "export")),
     Field("seed", int, "train: the run's seed (default 1337); sample: the sampling seed (default 1337)", "train",
           BOTH),
     Field("device", str, "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps", "runtime", BOTH, "auto"),
@@ -99,7 +100,10 @@ FIELDS: tuple[Field, ...] = (
           "runtime"),
     Field("dist", str, "under torchrun: DDP (default) or FSDP2 fully_shard", "run", choices=("ddp", "fsdp")),
     # sample
-    Field("ckpt", Path, "checkpoint to sample from, e.g. runs/<id>/best.pt", "sample", SAMPLE),
+    Field("ckpt", Path, "checkpoint: runs/<id>/best.pt, a run directory or an export directory", "sample",
+          ("sample", "export")),
+    Field("out", Path, "export: the directory to write model.safetensors and config.json into", "export", EXPORT),
+    Field("force", SWITCH, "export: replace the files of a non-empty --out", "export", EXPORT),
     Field("prompt", str, "prompt text", "sample", SAMPLE),
     Field("prompt_tokens", str, 'prompt as GPT-2 token ids, e.g. "0 1 2"', "sample", SAMPLE),
     Field("max_new_tokens", int, "tokens to generate", "sample", SAMPLE, _sample_default("max_new_tokens")),
@@ -134,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = Non
     groups = {}
     for f in FIELDS if names is None else [BY_NAME[n] for n in names]:
         target = parser
-        if group_by_mode and f.modes != BOTH:
+        if group_by_mode and f.modes not in (BOTH, ALL):
             target = groups.setdefault(f.modes, parser.add_argument_group(" / ".join(f.modes)))
         shown = "" if f.default is None else f" (default: {f.default})"
         kwargs = {"help": f.help + shown, "default": None}

@@ -34,10 +34,20 @@ def default_mem128k_path(size: str, exp: str) -> Path:
     return RUNS_ROOT / f"mem128k_{size}_{exp}.json"
 
 
+EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"  # `main.py --mode export` writes these
+
+
 def checkpoint_file(path: str | Path) -> Path:
-    """A checkpoint named by its file, or by its run directory (its best.pt, else its last.pt)."""
+    """A checkpoint named by its file, by its run directory (its best.pt, else its last.pt) or by an export
+    directory (its model.safetensors, read with the config.json beside it)."""
     path = Path(path)
     if path.is_dir():
+        weights, config = path / EXPORT_WEIGHTS, path / EXPORT_CONFIG
+        if weights.exists() or config.exists():
+            if not (weights.is_file() and config.is_file()):
+                missing = EXPORT_WEIGHTS if not weights.is_file() else EXPORT_CONFIG
+                raise UserError(f"export directory {path} lacks {missing}; export it again with --mode export")
+            return weights
         run = RunDir(path)
         found = next((p for p in (run.best, run.last) if p.is_file()), None)
         if found is None:

@@ -1,17 +1,29 @@
-"""Checkpoints: written atomically (temp file + rename), read with weights_only=True (no code runs on load)."""
+"""Checkpoints: written atomically (temp file + rename), read with weights_only=True (no code runs on load).
+An export (`main.py --mode export`) is the same model as `model.safetensors` plus a `config.json` holding the
+resolved config and provenance; every loader here accepts it where it accepts a checkpoint."""
 
 from __future__ import annotations
 
+import json
 import pickle
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from production.core.atomic import atomic_path
+from production.core.atomic import atomic_path, write_json
 from production.core.errors import UserError
-from production.core.layout import checkpoint_file
+from production.core.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, checkpoint_file
+from production.core.runtime import environment
 from production.model.config import ModelConfig
 from production.model.gpt import GPT
+
+try:  # an optional install (requirements-export.txt): only exports need it
+    import safetensors.torch as safetensors_torch
+except ModuleNotFoundError:
+    safetensors_torch = None
+
+EXPORT_FORMAT = "dba.export/1"
 
 # Recipe fields a resumed run may change; anything else differing from the checkpoint is an error.
 RESUME_MAY_CHANGE = ("steps", "eval_every", "eval_iters", "log_every")
@@ -26,6 +38,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
     """A checkpoint of this harness, named by its file or its run directory (`mmap`: tensors stay on disk until
     touched, for reading the config only)."""
     path = checkpoint_file(path)
+    if path.name == EXPORT_WEIGHTS:
+        return load_export(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
@@ -86,3 +100,47 @@ def check_resumable(ckpt: dict, resolved: dict, path: Path) -> None:
             f"checkpoint {path} was trained on {was['source']} ({was['n_tokens']} tokens), "
             f"not {now['source']} ({now['n_tokens']} tokens)"
         )
+
+
+def require_safetensors() -> None:
+    if safetensors_torch is None:
+        raise UserError("exports need the `safetensors` package: pip install -r requirements-export.txt")
+
+
+def save_export(model: GPT, ckpt: dict, source: Path, out: Path) -> None:
+    """model.safetensors (tied weights stored once) and config.json into `out`."""
+    require_safetensors()
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / EXPORT_WEIGHTS) as tmp:
+        safetensors_torch.save_model(model, str(tmp), metadata={"format": EXPORT_FORMAT})
+    env = environment("cpu")
+    record = {
+        "format": EXPORT_FORMAT,
+        "config": ckpt["config"],
+        "step": ckpt["step"],
+        "best_val_loss": ckpt["best_val_loss"],
+        "source": str(source),
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": env["git_commit"],
+        "git_dirty": env["git_dirty"],
+        "torch": env["torch"],
+    }
+    write_json(out / EXPORT_CONFIG, record)
+
+
+def load_export(weights: Path) -> dict:
+    """An export read back as a checkpoint dict (model state, config, step, best val loss)."""
+    require_safetensors()
+    config_path = weights.with_name(EXPORT_CONFIG)
+    try:
+        record = json.loads(config_path.read_text())
+        ckpt = {"config": record["config"], "step": record["step"], "best_val_loss": record["best_val_loss"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{config_path} is not the config.json of an export ({type(e).__name__}: {e})") from e
+    model = GPT(model_config(ckpt, config_path))
+    try:
+        safetensors_torch.load_model(model, str(weights), strict=True, device="cpu")
+    except Exception as e:  # a truncated file, or weights of another model
+        raise UserError(f"{weights} does not hold this config's weights ({str(e).splitlines()[0]})") from e
+    ckpt["model"] = model.state_dict()
+    return ckpt
