@@ -37,6 +37,12 @@ def build_parser() -> Parser:
     p.add_argument("--post-mem128k", action="store_true", help="write mem128k.json for each finished run")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
     p.add_argument("--device", default="auto", help="device for training and the memory benchmark")
+    p.add_argument(
+        "--tracker",
+        choices=["none", "tensorboard", "wandb"],
+        default="none",
+        help="mirror each run to an experiment tracker, grouped by the manifest group",
+    )
     d = p.add_argument_group("distributed (each training runs under torchrun)")
     d.add_argument("--nproc-per-node", type=int, help="processes (GPUs) per node")
     d.add_argument("--dist", choices=["ddp", "fsdp"], help="strategy (default ddp)")
@@ -83,6 +89,9 @@ def main(argv=None) -> int:
     if args.dist and not launcher:
         raise UserError("--dist needs --nproc-per-node")
     plans = plan_runs(manifest, group, runs, args.runs_dir, args.device, launcher, args.dist)
+    if args.tracker != "none":
+        for plan in plans:
+            plan.values.update(tracker=args.tracker, tracker_group=plan.group)
     print(f"{args.manifest} (sha256 {sha[:12]}), group {args.group}: {len(plans)} run(s), every `expected` holds")
     if args.dry_run:
         print_plans(group, plans)

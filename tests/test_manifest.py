@@ -202,3 +202,10 @@ def test_identical_runs_train_once_and_both_ids_have_results(tmp_path, token_fil
     group = manifest["groups"][0]
     a, again = (collect_run(s, group, runs_dir, partial=True) for s in group["runs"][:2])
     assert again["same_as"] == "a" and again["best_val_loss"] == a["best_val_loss"] and again["id"] == "a_again"
+
+
+def test_the_runner_passes_the_tracker_and_its_group(tmp_path):
+    m = write_manifest(tmp_path / "m.json", [spec("a")])
+    proc = run_manifest("--manifest", m, "--group", "g", "--dry-run", "--tracker", "tensorboard")
+    assert proc.returncode == 0, proc.stderr
+    assert "--tracker tensorboard --tracker-group g" in proc.stdout

@@ -4,6 +4,7 @@ as whether CUDA is present, a checkpoint's contents or a policy's streams, is ch
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 from production.config.build import check_overrides, resolve_model, resolve_train
@@ -30,6 +31,8 @@ def check_train(v: dict) -> None:
     resolve_train(v["size"], v["exp"], section(overrides, "train"))
     if v["data"] is not None:
         open_tokens(v["data"])
+    if v["tracker"] != "none" and importlib.util.find_spec(v["tracker"]) is None:
+        raise UserError(f"--tracker {v['tracker']} needs the `{v['tracker']}` package: pip install {v['tracker']}")
     if v["save_every_s"] <= 0:
         raise UserError(f"--save-every-s must be positive, got {v['save_every_s']}")
     if v["stop_at"] is not None and v["stop_at"] < 1:

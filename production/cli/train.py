@@ -75,6 +75,8 @@ def _run(v: dict, argv: list[str], resolved: ResolvedRun, ctx: DistContext) -> i
         v["stop_at"],
         DecisionStore(v["tuner_store"]),
         v["save_every_s"],
+        v["tracker"],
+        v["tracker_group"],
         ctx,
     )
     summary = train(job)

@@ -92,6 +92,9 @@ FIELDS: tuple[Field, ...] = (
     Field("grad_clip", float, "gradient-norm clip (default 1.0)", "train"),
     # train: how the run executes
     Field("stop_at", int, "train up to this step, save last.pt and exit (then --resume)", "run"),
+    Field("tracker", str, "mirror the run's events to an experiment tracker (opt-in)", "run", default="none",
+          choices=("none", "tensorboard", "wandb")),
+    Field("tracker_group", str, "tracker: the group the run belongs to (the manifest runner passes its group)", "run"),
     Field("save_every_s", float, "also write last.pt between evaluations once this many seconds passed", "run",
           default=300.0),
     Field("resume", SWITCH, "continue the run in --out-dir from its last.pt", "run"),

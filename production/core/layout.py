@@ -129,19 +129,26 @@ def truncate_log(log: Path, step: int) -> None:
 
 class EventLog:
     """Appends one JSON object per line: {"type", "step", "time", ...}. Without a path (ranks other than 0 of a
-    distributed run) it writes nothing. A context manager, so every exit path closes the file."""
+    distributed run) it writes nothing. `mirror` (an experiment tracker: `event(type, step, fields)` and
+    `close()`) sees every event written. A context manager, so every exit path closes the file and the mirror."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, mirror=None):
         self.file = None if path is None else open(path, "a", buffering=1)  # noqa: SIM115 (closed by close())
+        self.mirror = mirror if path is not None else None
 
     def write(self, type: str, step: int, **fields) -> None:
         if self.file is not None:
             self.file.write(json.dumps({"type": type, "step": step, "time": round(time.time(), 3), **fields}) + "\n")
+            if self.mirror is not None:
+                self.mirror.event(type, step, fields)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
 
     def __enter__(self) -> EventLog:
         return self

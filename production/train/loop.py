@@ -40,6 +40,7 @@ from production.train.distributed import (
     wrap,
 )
 from production.train.optim import build_optimizer, lr_at
+from production.train.tracker import open_tracker
 from production.tune.store import DecisionStore
 from production.tune.training import tune_training
 
@@ -59,6 +60,8 @@ class Job:
     stop_at: int | None = None
     store: DecisionStore | None = None  # remembers the tuner's runtime decisions
     save_every_s: float = 300.0  # last.pt at least this often between evaluations (seconds of work)
+    tracker: str = "none"  # tensorboard | wandb | none: mirrors the event log (rank 0)
+    tracker_group: str | None = None
     ctx: DistContext = field(default_factory=DistContext)
 
     def say(self, *args, **kwargs) -> None:
@@ -94,7 +97,8 @@ def train(job: Job) -> dict:
     if job.resume is not None and job.ctx.is_main:
         truncate_log(run.log, job.resume[1]["step"])
     end = cfg.steps if job.stop_at is None else min(job.stop_at, cfg.steps)
-    with EventLog(run.log if job.ctx.is_main else None) as log:
+    mirror = open_tracker(job.tracker, run.path, job.tracker_group, job.resolved) if job.ctx.is_main else None
+    with EventLog(run.log if job.ctx.is_main else None, mirror) as log:
         state = None
         try:
             state = restore(job, log, heap_retained)
