@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from production.config.fields import with_defaults
 from production.core.layout import checkpoint_file
-from production.model.gpt import GPT
-from production.train.checkpoint import load_checkpoint, model_config, save_export
+from production.train.checkpoint import load_model, save_export
 
 
 def run(values: dict, argv: list[str]) -> int:
     v = with_defaults(values)
     source = checkpoint_file(v["ckpt"])
-    ckpt = load_checkpoint(source)
-    model = GPT(model_config(ckpt, source))
-    model.load_state_dict(ckpt["model"])
+    model, ckpt = load_model(source)
     save_export(model, ckpt, source, v["out"])
     size = sum(p.stat().st_size for p in v["out"].iterdir())
     print(

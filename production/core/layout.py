@@ -94,9 +94,6 @@ class RunDir:
     def mem128k(self) -> Path:
         return self.path / "mem128k.json"
 
-    def has_run(self) -> bool:
-        return any(p.exists() for p in (self.log, self.last, self.best))
-
     def events(self) -> list[dict]:
         return read_events(self.log)
 

@@ -36,6 +36,17 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def plan_record(plan: RunPlan, manifest_path: Path, manifest_sha: str) -> dict:
+    """What every resolved_run.json says first: which manifest entry this directory belongs to."""
+    return {
+        "id": plan.id,
+        "group": plan.group,
+        "manifest": str(manifest_path),
+        "manifest_sha256": manifest_sha,
+        "spec": plan.spec,
+    }
+
+
 def write_provenance(
     plan: RunPlan, run: RunDir, command: str, manifest_path: Path, manifest_sha: str, device: str
 ) -> dict:
@@ -44,11 +55,7 @@ def write_provenance(
     write_text(run.command, command + "\n")
     env = environment(resolve_runtime(device).device)
     record = {
-        "id": plan.id,
-        "group": plan.group,
-        "manifest": str(manifest_path),
-        "manifest_sha256": manifest_sha,
-        "spec": plan.spec,
+        **plan_record(plan, manifest_path, manifest_sha),
         "git_commit": env["git_commit"],
         "git_dirty": env["git_dirty"],
         "python": env["python"],
@@ -168,11 +175,7 @@ def record_same(plan: RunPlan, primary: RunResult, runs_dir: Path, manifest_path
     else:
         status, reason = "same", f"same training as {primary.id} (identical resolved config and data)"
     record = {
-        "id": plan.id,
-        "group": plan.group,
-        "manifest": str(manifest_path),
-        "manifest_sha256": manifest_sha,
-        "spec": plan.spec,
+        **plan_record(plan, manifest_path, manifest_sha),
         "same_as": primary.id,
         "status": status,
         "reason": reason,
