@@ -17,7 +17,7 @@ from production.cache.kvcache import DEFAULT_CHUNK_TOKENS, KVCache
 from production.cache.policy import KVPolicy
 from production.model.attention import build_attention, cache_widths
 from production.model.config import ModelConfig
-from production.model.rope import Rotary
+from production.model.rope import RopeScaling, Rotary
 
 
 class MLP(nn.Module):
@@ -82,19 +82,36 @@ class GPT(nn.Module):
         """idx (B, T) token ids; targets (B, T) or None. With a cache, idx continues the cached sequence (its
         positions start at cache.length) and its K/V are appended. last_only: logits for the last position only.
         Returns logits (B, T or 1, vocab) and the mean cross-entropy (None without targets)."""
-        B, T = idx.shape
+        x = self.features(idx, cache)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    def features(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> the final hidden states (B, T, d_model), before the last LayerNorm and the head; with a
+        cache as in forward()."""
+        T = idx.shape[1]
         start = 0 if cache is None else cache.length
         rope = self.rotary(start, T) if self.rotary is not None else None
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if cache is None else cache.layers[i])
-        if last_only:
-            x = x[:, -1:]
-        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head: (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., d_model) -> logits (..., vocab): final LayerNorm and the tied embedding."""
+        return F.linear(self.ln_f(x), self.wte.weight)
+
+    def set_rope_scaling(self, scaling: RopeScaling | None) -> None:
+        """Evaluate past the trained length with a context extension of the RoPE dims (production.model.rope);
+        None restores plain RoPE. Models without RoPE are unaffected."""
+        if self.rotary is not None:
+            cfg = self.cfg
+            self.rotary = Rotary(cfg.rope_dim, cfg.rope_base, cfg.block_size, scaling).to(self.wte.weight.device)
 
     def new_cache(
         self, policy: KVPolicy, batch: int, max_seq: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, impl: str = "auto"

@@ -1,9 +1,53 @@
-"""Rotary position embedding (RoPE): rotate-half pairing, base 10000, absolute positions."""
+"""Rotary position embedding (RoPE): rotate-half pairing, base 10000, absolute positions; and the eval-time
+context extensions that stretch it past the trained length by a factor s:
+
+- linear: position interpolation (Chen et al. 2023, "Extending Context Window of Large Language Models via
+  Positional Interpolation"): every angle divided by s;
+- ntk: NTK-aware scaling (bloc97 2023, analysed in the YaRN paper): the base raised to base * s^(D / (D - 2)),
+  so low frequencies stretch and the highest barely move;
+- yarn: YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models"): each
+  frequency interpolated by how many full turns it makes over the trained length (none above beta = 32
+  turns, fully below alpha = 1), and the attention logits of the rotated dims sharpened by (0.1 ln s + 1)^2.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+SCALINGS = ("none", "linear", "ntk", "yarn")
+YARN_ALPHA, YARN_BETA = 1.0, 32.0
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    kind: str  # none | linear | ntk | yarn
+    factor: float = 1.0  # s = target length / trained length
+    trained_length: int = 1024
+
+    def __post_init__(self):
+        if self.kind not in SCALINGS:
+            raise ValueError(f"unknown RoPE scaling {self.kind!r}; use one of {', '.join(SCALINGS)}")
+
+
+def scaled_frequencies(dim: int, base: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
+    """Per-pair angular frequencies (D/2,) in float64 under `scaling`, and the factor the cos/sin tables carry
+    (YaRN's logit sharpening, split evenly between q and k)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    s = 1.0 if scaling is None else scaling.factor
+    if scaling is None or scaling.kind == "none" or s <= 1.0:
+        return base**-exponents, 1.0
+    if scaling.kind == "linear":
+        return base**-exponents / s, 1.0
+    if scaling.kind == "ntk":
+        return (base * s ** (dim / (dim - 2))) ** -exponents, 1.0
+    freq = base**-exponents
+    turns = scaling.trained_length * freq / (2 * math.pi)  # full rotations over the trained length
+    keep = ((turns - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)  # 1: high frequency, left alone
+    return (1 - keep) * freq / s + keep * freq, 0.1 * math.log(s) + 1.0
 
 
 class Rotary(nn.Module):
@@ -11,18 +55,18 @@ class Rotary(nn.Module):
     frequency base^(-2i/D). Angles are computed in float64 so positions near 128k keep their phase
     (float32 angles there would be off by ~0.01 rad); the tables are stored in float32."""
 
-    def __init__(self, dim: int, base: float = 10000.0, n_positions: int = 1024):
+    def __init__(self, dim: int, base: float = 10000.0, n_positions: int = 1024, scaling: RopeScaling | None = None):
         super().__init__()
         assert dim % 2 == 0, dim
-        self.dim, self.base = dim, base
+        self.dim, self.base, self.scaling = dim, base, scaling
         self._build(n_positions, device=None)
 
     def _build(self, n: int, device) -> None:
-        inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim)  # (D/2,)
+        inv_freq, mscale = scaled_frequencies(self.dim, self.base, self.scaling)  # (D/2,)
         angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (n, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (n, D): dims i and i + D/2 share an angle
-        self.register_buffer("cos", angles.cos().float().to(device), persistent=False)
-        self.register_buffer("sin", angles.sin().float().to(device), persistent=False)
+        self.register_buffer("cos", (mscale * angles.cos()).float().to(device), persistent=False)
+        self.register_buffer("sin", (mscale * angles.sin()).float().to(device), persistent=False)
 
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions start .. start+length-1: cos, sin (length, D) float32."""

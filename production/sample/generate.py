@@ -35,10 +35,12 @@ def generate(
     max_seq: int,
     autocast=None,
     on_prefill=None,
+    stop=None,
 ) -> dict:
-    """prompt (B, T) ids -> {"ids": (B, max_new_tokens), "cache_bytes", "prefill_ms", "ms_per_token",
+    """prompt (B, T) ids -> {"ids": (B, n <= max_new_tokens), "cache_bytes", "prefill_ms", "ms_per_token",
     "decode_plan"}. policy None means no cache: every step recomputes the full sequence. on_prefill(cache), if
-    given, runs once the prompt is in the cache (the decode planner); its result is returned as "decode_plan"."""
+    given, runs once the prompt is in the cache (the decode planner); its result is returned as "decode_plan".
+    stop(ids (B, n)), if given, is asked after each new token whether to end early."""
     autocast = autocast or contextlib.nullcontext
     model.eval()
     device = model.wte.weight.device
@@ -55,7 +57,7 @@ def generate(
     for i in range(cfg.max_new_tokens):
         nxt = pick_next(logits[:, -1].float(), cfg, generator)
         out.append(nxt)
-        if i == cfg.max_new_tokens - 1:
+        if i == cfg.max_new_tokens - 1 or (stop is not None and stop(torch.cat(out, dim=1))):
             break
         t0 = time.perf_counter()
         with autocast():
