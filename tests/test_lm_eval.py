@@ -61,6 +61,8 @@ def test_loglikelihood_equals_a_direct_forward_pass_batched_truncated_and_throug
         assert got == pytest.approx(want, abs=1e-4) and greedy == want_greedy
     exact = DBALM(ckpt=ckpt, device="cpu", kv_policy="fp32").loglikelihood(requests("loglikelihood", pairs))
     assert [x for x, _ in exact] == pytest.approx([x for x, _ in reference], abs=1e-4)
+    chunked = DBALM(ckpt=ckpt, device="cpu", kv_policy="fp32", chunk=2).loglikelihood(requests("loglikelihood", pairs))
+    assert [x for x, _ in chunked] == pytest.approx([x for x, _ in reference], abs=1e-4)
     quant = DBALM(ckpt=ckpt, device="cpu", kv_policy="ksem=q4_0@32;kgeo=q4_0@32;v=q4_0@32")
     assert str(quant.policy) == "ksem=q4_0@32,kgeo=q4_0@32,v=q4_0@32,resid=0"
     scored = quant.loglikelihood(requests("loglikelihood", pairs))
@@ -151,6 +153,7 @@ def test_bad_adapter_input_is_one_error_line(tmp_path, ckpt, monkeypatch):
         ({}, "needs --model_args ckpt="),
         ({"ckpt": ckpt, "kv_policy": "k=q3_0"}, "KV policy"),
         ({"ckpt": ckpt, "max_gen_toks": 99}, "max_gen_toks"),
+        ({"ckpt": ckpt, "chunk": 0}, "chunk"),
     ]:
         with pytest.raises(UserError, match=fragment):
             DBALM(device="cpu", **model_args)

@@ -8,11 +8,12 @@ Importing this module registers the model (lm-eval has no discovery of external 
                               recomputation (the reference); fp16 | bf16 | paper | auto | a policy string with
                               `;` between items (lm-eval splits its arguments on commas): everything goes
                               through the KV cache in that policy
+    chunk=1                   through a cache: continuation tokens fed per step (1: exactly decoding; more: faster)
     dtype=auto max_length=<block size> max_gen_toks=min(256, max_length/2) seed=1337
 and lm-eval's own --device and --batch_size (default 1 on its CLI; e.g. --batch_size 16; `auto` means 16).
 
 Through a cache, a request's context is prefilled (exact attention over its own K/V, as when generation starts)
-and its continuation is decoded one token at a time over the stored cache, so a one-token continuation scores
+and its continuation is decoded `chunk` tokens at a time over the stored cache, so a one-token continuation scores
 the same under every policy, exactly as a first generated token would.
 """
 
@@ -62,6 +63,7 @@ class DBALM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int | None = None,
         seed: int = 1337,
+        chunk: int = 1,
         **unused,
     ):
         super().__init__()
@@ -85,6 +87,9 @@ class DBALM(TemplateLM):
         self.seed = int(seed)
         if not 0 < self.max_gen_toks < self._max_length:
             raise UserError(f"max_gen_toks must be in [1, {self._max_length}), got {max_gen_toks}")
+        self.chunk = int(chunk)
+        if self.chunk < 1:
+            raise UserError(f"chunk must be a positive number of tokens, got {chunk}")
         self.policy_text = str(kv_policy)
         self.policy = self._resolve_policy(self.policy_text)
 
@@ -143,7 +148,9 @@ class DBALM(TemplateLM):
             else:
                 seq, n = rows[batch[0]]  # the context prefilled, the continuation decoded token by token
                 ids = torch.tensor([seq])
-                logp, hit = score_tokens(self.model, ids, self.policy, len(seq) - n, 1, len(seq) - 1 - n, self.autocast)
+                logp, hit = score_tokens(
+                    self.model, ids, self.policy, len(seq) - n, self.chunk, len(seq) - 1 - n, self.autocast
+                )
                 scored = [(logp[0], hit[0])]
             for i, (logp, hit) in zip(batch, scored, strict=True):
                 results[i] = (float(logp.sum()), bool(hit.all()))
