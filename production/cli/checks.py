@@ -9,6 +9,7 @@ import importlib.util
 import re
 
 from production.config.build import check_overrides, resolve_model, resolve_train
+from production.config.evaluation import parse_multiples, parse_scalings, split_policies
 from production.config.fields import BY_NAME, RESOLVED_SECTIONS, section
 from production.config.sampling import SamplingConfig
 from production.core.errors import UserError
@@ -65,4 +66,21 @@ def check_export(v: dict) -> None:
         raise UserError(f"--out {out} exists and is not empty; pass --force to replace its export files")
 
 
-CHECKS = {"train": check_train, "sample": check_sample, "export": check_export}
+def check_eval(v: dict) -> None:
+    check_device(v["device"])
+    if v["ckpt"] is None:
+        raise UserError("--mode eval needs --ckpt (a run directory, or its best.pt / last.pt, or an export)")
+    checkpoint_file(v["ckpt"])
+    parse_multiples(v["lengths"])
+    parse_scalings(v["rope_scaling"])
+    split_policies(v["kv_policy"])
+    for name, low in (("windows", 1), ("chunk", 1), ("passkey_trials", 0)):
+        if v[name] < low:
+            raise UserError(f"{BY_NAME[name].cli} must be >= {low}, got {v[name]}")
+    if v["data"] is not None:
+        open_tokens(v["data"])
+    if v["out"] is not None and v["out"].is_dir():
+        raise UserError(f"--out {v['out']} is a directory; give the report's file name, e.g. {v['out']}/eval.json")
+
+
+CHECKS = {"train": check_train, "sample": check_sample, "export": check_export, "eval": check_eval}

@@ -1,4 +1,4 @@
-"""`python main.py --mode train|sample|export ...`: the parser, generated from production.config.fields, the mode
+"""`python main.py --mode train|sample|export|eval ...`: the parser, generated from production.config.fields, the mode
 checks, and the dispatch to the mode's command. Nothing here imports torch, so `--help` and usage mistakes
 answer at once.
 
@@ -17,7 +17,8 @@ def build_parser() -> Parser:
     p = Parser(
         prog="main.py",
         description="Decoupled Bottleneck Attention: train GPT-style models with four attention variants, "
-        "sample from them with quantized KV caches, and export them as safetensors.",
+        "sample from them with quantized KV caches, evaluate them past their training length, and export them as "
+        "safetensors.",
     )
     add_arguments(p, group_by_mode=True)
     return p

@@ -19,8 +19,10 @@ from production.config.sampling import MAX_CANDIDATES, GuardLimits, SamplingConf
 from production.core.errors import UserError
 from production.core.layout import CORPUS_CACHE_DIR, DEFAULT_TUNER_STORE
 
-TRAIN, SAMPLE, BOTH, EXPORT = ("train",), ("sample",), ("train", "sample"), ("export",)
-ALL = (*BOTH, *EXPORT)
+TRAIN, SAMPLE, BOTH, EXPORT, EVAL = ("train",), ("sample",), ("train", "sample"), ("export",), ("eval",)
+RUNS = (*BOTH, *EVAL)  # the modes that run a model
+ALL = (*BOTH, *EXPORT, *EVAL)
+SAMPLE_EVAL = (*SAMPLE, *EVAL)
 SWITCH = "switch"  # a store_true flag; `bool` fields get --x / --no-x
 
 
@@ -51,18 +53,19 @@ def _guard_default(name: str):
 PRESET = " (default: the preset's)"
 # fmt: off
 FIELDS: tuple[Field, ...] = (
-    Field("mode", str, "what to do", "common", ALL, "train", choices=("train", "sample", "export")),
-    Field("seed", int, "train: the run's seed (default 1337); sample: the sampling seed (default 1337)", "train",
-          BOTH),
-    Field("device", str, "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps", "runtime", BOTH, "auto"),
-    Field("dtype", str, "auto (bf16 autocast on accelerators, fp32 on CPU), fp32, bf16", "runtime", BOTH, "auto"),
-    Field("tuner_store", Path, "the tuner's decision store", "common", BOTH, DEFAULT_TUNER_STORE),
-    Field("cache_dir", Path, "where the tokenized embedded corpus is cached", "common", BOTH, CORPUS_CACHE_DIR),
+    Field("mode", str, "what to do", "common", ALL, "train", choices=("train", "sample", "export", "eval")),
+    Field("seed", int, "train: the run's seed (default 1337); sample: the sampling seed; eval: windows and probes "
+          "(default 1337)", "train", RUNS),
+    Field("device", str, "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps", "runtime", RUNS, "auto"),
+    Field("dtype", str, "auto (bf16 autocast on accelerators, fp32 on CPU), fp32, bf16", "runtime", RUNS, "auto"),
+    Field("tuner_store", Path, "the tuner's decision store", "common", RUNS, DEFAULT_TUNER_STORE),
+    Field("cache_dir", Path, "where the tokenized embedded corpus is cached", "common", RUNS, CORPUS_CACHE_DIR),
     # train: what to train on and where
     Field("size", str, f"size preset: {', '.join(SIZES)}", "run", TRAIN, DEFAULT_SIZE),
     Field("exp", str, f"experiment preset: {', '.join(EXPERIMENTS)}", "run", TRAIN, DEFAULT_EXP),
     Field("data", Path, ".npy uint16 tokens, llm.c .bin shard, or a folder of shards (default: the embedded "
-          "Shakespeare corpus)", "run"),
+          "Shakespeare corpus; eval: the run's own data, else the embedded corpus; its validation split)", "run",
+          (*TRAIN, *EVAL)),
     Field("out_dir", Path, "run directory (default: runs/<size>_<exp>_s<seed>)", "run"),
     # train: architecture overrides
     Field("n_layer", int, "transformer blocks" + PRESET, "model"),
@@ -104,8 +107,9 @@ FIELDS: tuple[Field, ...] = (
     Field("dist", str, "under torchrun: DDP (default) or FSDP2 fully_shard", "run", choices=("ddp", "fsdp")),
     # sample
     Field("ckpt", Path, "checkpoint: runs/<id>/best.pt, a run directory or an export directory", "sample",
-          ("sample", "export")),
-    Field("out", Path, "export: the directory to write model.safetensors and config.json into", "export", EXPORT),
+          ALL[1:]),
+    Field("out", Path, "export: the directory to write model.safetensors and config.json into; eval: the report's "
+          "path (default: eval.json beside the checkpoint)", "export", (*EXPORT, *EVAL)),
     Field("force", SWITCH, "export: replace the files of a non-empty --out", "export", EXPORT),
     Field("prompt", str, "prompt text", "sample", SAMPLE),
     Field("prompt_tokens", str, 'prompt as GPT-2 token ids, e.g. "0 1 2"', "sample", SAMPLE),
@@ -114,15 +118,25 @@ FIELDS: tuple[Field, ...] = (
     Field("top_k", int, "sample from the k most likely tokens", "sample", SAMPLE),
     Field("greedy", SWITCH, "always take the most likely token", "sample", SAMPLE),
     Field("kv_policy", str, "auto (the smallest policy passing the quality guard), fp16, none (no cache: full "
-          f"recompute), or a policy such as {PAPER_POLICY}", "sample", SAMPLE, "auto"),
-    Field("guard_max_logit", float, "auto: max |delta logit| vs fp16", "sample", SAMPLE,
+          f"recompute), or a policy such as {PAPER_POLICY}; eval: several separated by ';' (none: full forward "
+          "passes only)", "sample", SAMPLE_EVAL, "auto"),
+    Field("guard_max_logit", float, "auto: max |delta logit| vs fp16", "sample", SAMPLE_EVAL,
           _guard_default("max_abs_logit")),
-    Field("guard_nll", float, "auto: max mean delta NLL in nats", "sample", SAMPLE, _guard_default("delta_nll")),
-    Field("guard_ppl", float, "auto: max perplexity ratio", "sample", SAMPLE, _guard_default("ppl_ratio")),
-    Field("max_cache_bytes", int, "auto: only policies whose cache fits in this many bytes", "sample", SAMPLE),
-    Field("tuner_max_candidates", int, "auto: policies judged at most", "sample", SAMPLE, MAX_CANDIDATES),
+    Field("guard_nll", float, "auto: max mean delta NLL in nats", "sample", SAMPLE_EVAL, _guard_default("delta_nll")),
+    Field("guard_ppl", float, "auto: max perplexity ratio", "sample", SAMPLE_EVAL, _guard_default("ppl_ratio")),
+    Field("max_cache_bytes", int, "auto: only policies whose cache fits in this many bytes", "sample", SAMPLE_EVAL),
+    Field("tuner_max_candidates", int, "auto: policies judged at most", "sample", SAMPLE_EVAL, MAX_CANDIDATES),
     Field("max_seq", int, "cache capacity in tokens (default: the model's block size)", "sample", SAMPLE),
-    Field("json", SWITCH, "print one JSON object instead of the text", "sample", SAMPLE),
+    Field("json", SWITCH, "print one JSON object instead of the text", "sample", SAMPLE_EVAL),
+    # eval
+    Field("lengths", str, "context lengths as multiples of the training block, comma-separated", "eval", EVAL,
+          "1,2,4,8"),
+    Field("windows", int, "validation windows per length (the same windows at every length)", "eval", EVAL, 4),
+    Field("rope_scaling", str, "RoPE context extensions to compare, comma-separated: none, linear (position "
+          "interpolation), ntk, yarn", "eval", EVAL, "none"),
+    Field("chunk", int, "cache path: tokens fed per step after the first chunk's prefill (1: exactly decoding)",
+          "eval", EVAL, 64),
+    Field("passkey_trials", int, "passkey probe: trials per length and depth (0: no passkey probe)", "eval", EVAL, 4),
 )
 # fmt: on
 BY_NAME = {f.name: f for f in FIELDS}
@@ -141,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = Non
     groups = {}
     for f in FIELDS if names is None else [BY_NAME[n] for n in names]:
         target = parser
-        if group_by_mode and f.modes not in (BOTH, ALL):
+        if group_by_mode and f.modes not in (BOTH, RUNS, ALL):
             target = groups.setdefault(f.modes, parser.add_argument_group(" / ".join(f.modes)))
         shown = "" if f.default is None else f" (default: {f.default})"
         kwargs = {"help": f.help + shown, "default": None}

@@ -73,6 +73,18 @@ def score_tokens(
 
 
 @torch.no_grad()
+def last_logits(model: GPT, ids: torch.Tensor, policy: KVPolicy | None = None, chunk: int = 64, autocast=None):
+    """ids (B, N) -> the logits (B, vocab) after the last token, by a full forward pass or, with a policy, through
+    a cache (the first `chunk` tokens prefilled, the rest fed `chunk` at a time)."""
+    autocast = autocast or contextlib.nullcontext
+    ids = ids.to(model.wte.weight.device)
+    with autocast():
+        for _, hidden in hidden_chunks(model, ids, policy, min(chunk, ids.shape[1]), chunk):
+            last = hidden[:, -1]
+        return model.head(last).float()
+
+
+@torch.no_grad()
 def forward_logprobs(
     model: GPT, seqs: list[list[int]], n_scored: list[int], autocast=None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
