@@ -16,7 +16,7 @@ from production.core.atomic import write_json
 from production.core.layout import checkpoint_file
 from production.core.runtime import RuntimeConfig, environment, resolve_runtime
 from production.data.tokenizer import get_tokenizer
-from production.eval.longctx import FULL, Route, eval_split
+from production.eval.longctx import FULL, Route, eval_split, require_tokens
 from production.eval.plots import plot_loss_by_position, plot_passkey
 from production.eval.report import EVAL_FORMAT, EvalSpec, evaluate, route_record, settings, summary_rows
 from production.model.attention import cache_widths
@@ -51,6 +51,7 @@ def run(values: dict, argv: list[str]) -> int:
     lengths = tuple(m * block for m in parse_multiples(v["lengths"]))
     tok = get_tokenizer()
     val, data = eval_split(ckpt["config"].get("data", {}), v["data"], v["cache_dir"], block, model.cfg.vocab_size)
+    require_tokens(val, lengths[-1])  # before the tuner's search, which takes a while
     routes = build_routes(v, model, ckpt_path, ckpt, runtime, lengths[-1])
     seed = 1337 if v["seed"] is None else v["seed"]
     spec = EvalSpec(

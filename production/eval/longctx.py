@@ -36,15 +36,19 @@ def scaling_for(kind: str, length: int, block_size: int) -> RopeScaling | None:
     return RopeScaling(kind, length / block_size, block_size)
 
 
+def require_tokens(val: TokenStream, length: int) -> None:
+    if len(val) < length + 1:
+        raise UserError(
+            f"the validation split has {len(val)} tokens, fewer than the {length + 1} of one window at length "
+            f"{length}; give shorter --lengths or more --data"
+        )
+
+
 def validation_windows(val: TokenStream, n_windows: int, length: int, seed: int) -> torch.Tensor:
     """n_windows windows of length + 1 tokens, evenly spread over the validation split with a seeded offset; the
     shorter lengths use the first tokens of the same windows."""
+    require_tokens(val, length)
     need = length + 1
-    if len(val) < need:
-        raise UserError(
-            f"the validation split has {len(val)} tokens, fewer than the {need} of one window at length {length}; "
-            "give shorter --lengths or more --data"
-        )
     span = len(val) - need
     offset = int(
         torch.randint(0, max(1, span // max(1, n_windows)), (1,), generator=torch.Generator().manual_seed(seed))
