@@ -12,10 +12,10 @@ from pathlib import Path
 from production.core.atomic import write_text
 from production.core.entry import Parser, command
 from production.core.errors import UserError
-from production.paper.figures import plot_convergence, plot_pareto
+from production.paper.figures import plot_convergence, plot_long_context, plot_pareto
 from production.paper.manifest import load_manifest
 from production.paper.results import collect
-from production.paper.tables import number_macros, table
+from production.paper.tables import long_context_table, number_macros, table
 
 
 def main_caption(results: dict) -> str:
@@ -63,12 +63,15 @@ def main(argv=None) -> int:
     write_text(args.out / "paper_results.json", json.dumps(results, indent=2) + "\n")
     plot_convergence(results, args.out / "fig_convergence.png")
     plot_pareto(results, args.out / "fig_pareto_memory_vs_loss.png")
+    plot_long_context(results, args.out / "fig_long_context.png")
+    write_text(args.out / "table_long_context.tex", long_context_table(results))
     write_text(args.out / "table_main.tex", table(results, "main", main_caption(results), "tab:main"))
     write_text(args.out / "table_scale.tex", table(results, "scale", "Scale: the 1B-parameter runs.", "tab:scale"))
     write_text(args.out / "paper_numbers.tex", number_macros(results))
     print(
         f"wrote {args.out}/: paper_results.json, fig_convergence.png, fig_pareto_memory_vs_loss.png, "
-        f"table_main.tex, table_scale.tex, paper_numbers.tex ({len(results['runs'])} runs"
+        f"fig_long_context.png, table_main.tex, table_scale.tex, table_long_context.tex, paper_numbers.tex "
+        f"({len(results['runs'])} runs"
         + (f", {len(missing)} missing or unfinished: {', '.join(missing)})" if missing else ")")
     )
     return 0

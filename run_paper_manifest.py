@@ -1,7 +1,7 @@
 """Reproduce the paper's runs from paper_manifest.json with provenance. See README.md and `--help`.
 
 python run_paper_manifest.py --group mac_fw100m --dry-run
-python run_paper_manifest.py --group cpu_smoke --post-mem128k
+python run_paper_manifest.py --group cpu_smoke --post-mem128k --post-eval
 """
 
 import sys
@@ -35,6 +35,11 @@ def build_parser() -> Parser:
     p.add_argument("--only", nargs="+", metavar="ID", help="run only these run ids of the group")
     p.add_argument("--dry-run", action="store_true", help="resolve, check and print the commands; train nothing")
     p.add_argument("--post-mem128k", action="store_true", help="write mem128k.json for each finished run")
+    p.add_argument(
+        "--post-eval",
+        action="store_true",
+        help="write eval.json (main.py --mode eval: fp16 and auto caches, plain RoPE and YaRN) for each finished run",
+    )
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
     p.add_argument("--device", default="auto", help="device for training and the memory benchmark")
     p.add_argument(
@@ -98,13 +103,14 @@ def main(argv=None) -> int:
         return 0
     check_data(plans)
     t0, results, same = time.time(), {}, same_training(plans)
+    post = tuple(name for name, on in (("mem128k", args.post_mem128k), ("eval", args.post_eval)) if on)
     try:
         for plan in plans:
             if plan.id in same:
                 primary = results[same[plan.id]]
                 results[plan.id] = record_same(plan, primary, args.runs_dir, args.manifest, sha)
             else:
-                results[plan.id] = run_one(plan, args.runs_dir, args.manifest, sha, args.device, args.post_mem128k)
+                results[plan.id] = run_one(plan, args.runs_dir, args.manifest, sha, args.device, post)
     except RunInterrupted as stopped:
         results[stopped.result.id] = stopped.result
         print(f"\ngroup {args.group}: stopped after {time.time() - t0:.0f}s\n{table(list(results.values()))}")

@@ -87,6 +87,27 @@ def write_run(runs_dir, run_id, mem=True):
             },
         }
     (d / "mem128k.json").write_text(json.dumps(report))
+    if run_id != "t_decoupled_null_s1":
+        (d / "eval.json").write_text(json.dumps(eval_report(model, curve[-1])))
+
+
+def eval_report(model, base):
+    """An eval.json in its format: NLL base + 0.1 log2(multiple) (full), +0.01 through the cache, -0.02 with YaRN
+    past the block; passkey 0.3 (full) / 0.2 (cache)."""
+    cells, passkey = [], []
+    for kind in ("none", "yarn"):
+        for m in (1, 2, 4):
+            for path, delta in (("full", 0.0), ("auto", 0.01)):
+                nll = base + 0.1 * math.log2(m) + delta - (0.02 if kind == "yarn" and m > 1 else 0.0)
+                buckets = [{"start": t, "end": t + 64, "nll": nll} for t in range(0, 256 * m, 64)]
+                cells.append(dict(rope_scaling=kind, length=256 * m, path=path, mean_nll=nll, buckets=buckets))
+                for depth in (0.1, 0.5, 0.9):
+                    acc = 0.3 if path == "full" else 0.2
+                    passkey.append(dict(rope_scaling=kind, length=256 * m, depth=depth, path=path, accuracy=acc))
+    routes = [{"path": "full", "policy": None}, {"path": "auto", "policy": "ksem=nf4@64,kgeo=nf4@64,v=nf4@64,resid=0"}]
+    settings = {"block_size": 256, "lengths": [256, 512, 1024], "passkey_chance": 0.1}
+    return {"format": "dba.eval/1", "model": model, "settings": settings, "routes": routes, "loss": cells,
+            "passkey": passkey}  # fmt: skip
 
 
 @pytest.fixture
@@ -151,6 +172,21 @@ def test_json_numbers_equal_the_run_artifacts(fixture_runs):
     table = (fixture_runs / "assets" / "table_main.tex").read_text()
     assert r"\toprule" in table and "5.650 $\\pm$ 0.071 (2)" in table and "Q4/Q8/Q4" in table
     assert "no runs of this table" in (fixture_runs / "assets" / "table_scale.tex").read_text()
+
+
+def test_long_context_numbers_table_and_figure_come_from_eval_json(fixture_runs):
+    assert generate(fixture_runs).returncode == 0
+    res = json.loads((fixture_runs / "assets" / "paper_results.json").read_text())
+    ev = {a["variant"]: a["eval"] for a in res["variants"]}
+    assert ev["t_decoupled_null"] is None and ev["t_baseline"]["n"] == 2
+    assert ev["t_baseline"]["nll"]["none/full"]["4"] == pytest.approx(statistics.fmean([5.60, 5.70]) + 0.2)
+    assert ev["t_decoupled"]["passkey"]["none/auto"]["2"] == pytest.approx(0.2)
+    assert len(ev["t_decoupled"]["curves"]["full"]) == 16
+    tex = (fixture_runs / "assets" / "table_long_context.tex").read_text()
+    row = next(line for line in tex.splitlines() if line.startswith("Decoupled &"))
+    base = statistics.fmean([5.50, 5.45])
+    assert row == f"Decoupled & {base:.3f} & {base + 0.1:.3f} & {base + 0.2:.3f} & +0.010 & -0.020 & 0.30 \\\\"
+    assert "Decoupled + null" not in tex and png_size(fixture_runs / "assets" / "fig_long_context.png")[0] > 0
 
 
 def test_pngs_are_real_images_of_the_expected_size(fixture_runs):
@@ -223,3 +259,4 @@ def test_tables_and_paper_compile_with_pdflatex(fixture_runs):
     pages = dict(re.findall(r"\\newlabel\{([^}]*)\}\{\{[^}]*\}\{(\d+)\}", (fixture_runs / "paper.aux").read_text()))
     assert int(pages["fig:convergence"]) <= int(pages["end-of-text"]), pages  # figures before the references
     assert int(pages["fig:pareto"]) <= int(pages["end-of-text"]), pages
+    assert int(pages["fig:long"]) <= int(pages["end-of-text"]), pages

@@ -123,7 +123,8 @@ def test_runs_with_provenance_then_skip_resume_and_survive_a_failure(tmp_path, t
         *"--eval-every 4 --eval-iters 1 --stop-at 3".split(),
     )
     assert partial.returncode == 0, partial.stderr
-    proc = run_manifest("--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu", "--post-mem128k")
+    post = ["--post-mem128k", "--post-eval"]
+    proc = run_manifest("--manifest", m, "--group", "g", "--runs-dir", runs_dir, "--device", "cpu", *post)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one run failed
     table = proc.stdout[proc.stdout.index("\ngroup g: 3 run(s)") :].strip().split("\n", 1)[1]
     assert " done " in table.splitlines()[1] and " resumed " in table.splitlines()[2]
@@ -138,6 +139,13 @@ def test_runs_with_provenance_then_skip_resume_and_survive_a_failure(tmp_path, t
     mem = json.loads((ok / "mem128k.json").read_text())
     assert "decomposition" in mem  # decoupled runs get --decompose
     assert "decomposition" not in json.loads((runs_dir / "partial" / "mem128k.json").read_text())
+    report = json.loads((ok / "eval.json").read_text())
+    assert report["settings"]["rope_scaling"] == ["none", "yarn"] and [r["path"] for r in report["routes"]] == [
+        "full",
+        "fp16",
+        "auto",
+    ]
+    assert (runs_dir / "partial" / "eval.json").exists() and not (runs_dir / "boom" / "eval.json").exists()
     types = [json.loads(line)["type"] for line in (runs_dir / "partial" / "train.jsonl").read_text().splitlines()]
     assert types.count("meta") == 1 and types.count("resume_meta") == 1 and types[-1] == "done"  # resumed
     assert "--resume" in (runs_dir / "partial" / "command.txt").read_text()

@@ -7,6 +7,7 @@ A run directory `runs/<id>/` holds:
     last.pt / best.pt     the latest full training state / the lowest-validation-loss weights
     command.txt, resolved_run.json, stdout.log   provenance written by the manifest runner
     mem128k.json          the KV-cache memory report
+    eval.json             the long-context report (main.py --mode eval), with eval_loss.png, eval_passkey.png
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class RunDir:
     @property
     def mem128k(self) -> Path:
         return self.path / "mem128k.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval.json"
 
     def events(self) -> list[dict]:
         return read_events(self.log)

@@ -135,3 +135,38 @@ def plot_pareto(results: dict, path: Path) -> None:
         ax.text(0.5, 0.5, "no runs with mem128k.json", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def plot_long_context(results: dict, path: Path) -> None:
+    """Loss by position to the longest evaluated length, one line per variant (mean over its seeds): solid for
+    full forward passes, dashed through the tuner's quantized cache; the training length dotted."""
+    fig = Figure(figsize=PARETO_SIZE, dpi=DPI)
+    ax = fig.subplots()
+    blocks = set()
+    for a in results["variants"]:
+        ev = a.get("eval")
+        if not ev:
+            continue
+        blocks.add(ev["block_size"])
+        steps = common_steps([b for b in results["variants"] if b["group"] == a["group"]])
+        color = COLORS.get(a.get("attn_mode"), "gray")
+        for route, style in (("full", "-"), ("auto", "--")):
+            if route in ev["curves"]:
+                x, y = zip(*ev["curves"][route], strict=True)
+                name = label(a, steps) + ("" if route == "full" else f", cache {short_policy(ev['routes'][route])}")
+                ax.plot(x, y, style, color=color, lw=1.5 if route == "full" else 1.1, label=name)
+    for block in sorted(blocks):
+        ax.axvline(block, color="0.4", lw=1, ls=":")
+        ax.text(block, 1.0, " trained length", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+    if blocks:
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no runs with eval.json", ha="center", va="center", transform=ax.transAxes)
+    over_seeds = ", mean over seeds" if results["max_seeds"] >= 2 else ""
+    ax.set_xlabel("position in the context (tokens, log scale)")
+    ax.set_ylabel(f"validation NLL (nats){over_seeds}")
+    ax.set_title("Loss by position past the training length")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)

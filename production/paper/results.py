@@ -1,8 +1,9 @@
 """Run artifacts -> the numbers of the paper (`assets/paper_results.json`).
 
-Reads only the runs a manifest names: `runs/<id>/train.jsonl` (meta, eval, train, done events) and
-`runs/<id>/mem128k.json`. A missing or malformed run is an error naming its id and what is missing, unless
-`partial` is set, in which case the run is kept with `status` "missing" or "incomplete" and a `missing` list.
+Reads only the runs a manifest names: `runs/<id>/train.jsonl` (meta, eval, train, done events),
+`runs/<id>/mem128k.json` and, when present, `runs/<id>/eval.json`. A missing or malformed run is an error
+naming its id and what is missing, unless `partial` is set, in which case the run is kept with `status`
+"missing" or "incomplete" and a `missing` list.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def collect_run(spec: dict, group: dict, runs_dir: Path, partial: bool) -> dict:
     )
     row["best_val_ppl"] = math.exp(row["best_val_loss"])
     row["final_val_ppl"] = math.exp(row["final_val_loss"])
+    if run.eval.exists():  # optional: run_paper_manifest.py --post-eval
+        try:
+            row["eval"] = eval_numbers(json.loads(run.eval.read_text()))
+        except (json.JSONDecodeError, KeyError) as e:
+            absent(f"{run.eval} is malformed ({type(e).__name__}: {e})")
     mem_path = run.mem128k
     if not mem_path.exists():
         absent(f"no {mem_path} (run_paper_manifest.py --post-mem128k)")
@@ -102,6 +108,61 @@ def collect_run(spec: dict, group: dict, runs_dir: Path, partial: bool) -> dict:
     except (json.JSONDecodeError, KeyError) as e:
         absent(f"{mem_path} is malformed ({type(e).__name__}: {e})")
     return row
+
+
+def eval_numbers(report: dict) -> dict:
+    """A run's eval.json, condensed: mean NLL and passkey accuracy per RoPE extension, route and multiple of the
+    block, and the loss-by-position curve of each route at the longest length (plain RoPE)."""
+    block = report["settings"]["block_size"]
+    nll, passkey, curves = {}, {}, {}
+    for cell in report["loss"]:
+        key = f"{cell['rope_scaling']}/{cell['path']}"
+        nll.setdefault(key, {})[str(cell["length"] // block)] = cell["mean_nll"]
+        if cell["length"] == report["settings"]["lengths"][-1] and cell["rope_scaling"] == "none":
+            curves[cell["path"]] = [[(b["start"] + b["end"]) / 2, b["nll"]] for b in cell["buckets"]]
+    for cell in report["passkey"]:
+        key, multiple = f"{cell['rope_scaling']}/{cell['path']}", str(cell["length"] // block)
+        passkey.setdefault(key, {}).setdefault(multiple, []).append(cell["accuracy"])
+    passkey = {k: {m: statistics.fmean(v) for m, v in row.items()} for k, row in passkey.items()}
+    routes = {r["path"]: r["policy"] for r in report["routes"]}
+    chance = report["settings"]["passkey_chance"]
+    return {
+        "block_size": block,
+        "nll": nll,
+        "passkey": passkey,
+        "passkey_chance": chance,
+        "curves": curves,
+        "routes": routes,
+    }
+
+
+def mean_eval(evals: list[dict]) -> dict | None:
+    """The eval numbers of a variant's runs, averaged over its seeds (cells that every run has)."""
+    if not evals:
+        return None
+
+    def mean_of(table: str) -> dict:
+        keys = set.intersection(*(set(e[table]) for e in evals))
+        out = {}
+        for k in sorted(keys):
+            multiples = set.intersection(*(set(e[table][k]) for e in evals))
+            out[k] = {m: statistics.fmean(e[table][k][m] for e in evals) for m in sorted(multiples, key=int)}
+        return out
+
+    curves = {}
+    for path in set.intersection(*(set(e["curves"]) for e in evals)):
+        points = [e["curves"][path] for e in evals]
+        curves[path] = [[xs[0][0], statistics.fmean(p[1] for p in xs)] for xs in zip(*points, strict=False)]
+    first = evals[0]
+    return {
+        "block_size": first["block_size"],
+        "nll": mean_of("nll"),
+        "passkey": mean_of("passkey"),
+        "passkey_chance": first["passkey_chance"],
+        "curves": curves,
+        "routes": first["routes"],
+        "n": len(evals),
+    }
 
 
 def kv_numbers(mem: dict) -> dict:
@@ -174,6 +235,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             )
         kv = next((r["kv"] for r in members if "kv" in r), None)
         agg["kv"] = kv
+        agg["eval"] = mean_eval([r["eval"] for r in members if "eval" in r])
         out.append(agg)
     return out
 

@@ -20,6 +20,7 @@ from production.core.runtime import environment, resolve_runtime
 from production.paper.manifest import RunPlan
 
 MEM128K_SCRIPT = REPO_ROOT / "production" / "bench_end_to_end_memory.py"
+MAIN_SCRIPT = REPO_ROOT / "main.py"
 
 
 @dataclass
@@ -122,9 +123,15 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+# `--post-eval`: the long-context report of each finished run, fp16 and the tuner's policy, plain RoPE and YaRN
+POST_EVAL_ARGS = ["--kv-policy", "fp16;auto", "--rope-scaling", "none,yarn"]
+
+
 def run_one(
-    plan: RunPlan, runs_dir: Path, manifest_path: Path, manifest_sha: str, device: str, post_mem128k: bool
+    plan: RunPlan, runs_dir: Path, manifest_path: Path, manifest_sha: str, device: str, post: tuple[str, ...] = ()
 ) -> RunResult:
+    """Train the run (or resume it, or skip it when finished), then its `post` steps: "mem128k" (the 128k memory
+    report) and "eval" (eval.json), each only when its file is missing."""
     run = RunDir(runs_dir / plan.id)
     t0 = time.time()
     state = run.state()
@@ -142,16 +149,32 @@ def run_one(
         result.best_val_loss = done[-1]["best_val_loss"]
     elif result.status != "failed":
         result.status, result.reason = "failed", "training ended without a done event"
-    if post_mem128k and done and not run.mem128k.exists():
-        command = [sys.executable, str(MEM128K_SCRIPT), "--ckpt", str(run.best), "--device", device]
-        if plan.resolved["model"]["attn_mode"] == "decoupled":
-            command.append("--decompose")
-        code, last, interrupted = stream(command, f"{plan.id} mem128k", run.stdout)
+    steps = {
+        "mem128k": (run.mem128k, mem128k_command(plan, run, device)),
+        "eval": (run.eval, eval_command(run, device)),
+    }
+    for name in post:
+        path, command = steps[name]
+        if not done or path.exists():
+            continue
+        code, last, interrupted = stream(command, f"{plan.id} {name}", run.stdout)
         if interrupted:
-            raise RunInterrupted(finish(result, run, "interrupted", "interrupted in the memory benchmark", t0))
+            raise RunInterrupted(finish(result, run, "interrupted", f"interrupted in the {name} step", t0))
         if code != 0:
-            result.status, result.reason = "failed", f"mem128k exited {code}: {last}"
+            result.status, result.reason = "failed", f"{name} exited {code}: {last}"
     return finish(result, run, result.status, result.reason, t0)
+
+
+def mem128k_command(plan: RunPlan, run: RunDir, device: str) -> list[str]:
+    command = [sys.executable, str(MEM128K_SCRIPT), "--ckpt", str(run.best), "--device", device]
+    if plan.resolved["model"]["attn_mode"] == "decoupled":
+        command.append("--decompose")
+    return command
+
+
+def eval_command(run: RunDir, device: str) -> list[str]:
+    return [sys.executable, str(MAIN_SCRIPT), "--mode", "eval", "--ckpt", str(run.best), "--device", device,
+            *POST_EVAL_ARGS]  # fmt: skip
 
 
 def finish(result: RunResult, run: RunDir, status: str, reason: str, t0: float) -> RunResult:

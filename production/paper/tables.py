@@ -149,3 +149,44 @@ def setup_text(results: dict) -> str:
             f"for {steps} steps of {batch} tokens each on {data}, with {seed_text}."
         )
     return " ".join(sentences)
+
+
+def long_context_table(results: dict) -> str:
+    """Mean NLL at each evaluated multiple of the training length (full forward passes, plain RoPE), the gap of
+    the tuner's quantized cache and of YaRN at the longest length, and passkey accuracy there."""
+    aggs = [a for a in results["variants"] if a.get("eval")]
+    multiples = sorted({m for a in aggs for m in a["eval"]["nll"].get("none/full", {})}, key=int)
+    top = multiples[-1] if multiples else "1"
+    head = " & ".join(f"{m}$\\times$" for m in multiples)
+    lines = [
+        r"\begin{table}[H]",
+        r"\centering",
+        r"\small",
+        r"\caption{Validation NLL (nats) by context length, as multiples of the training length (full forward "
+        rf"passes, plain RoPE); at {top}$\times$: the change through the tuner's quantized cache ($\Delta$ cache) and "
+        r"with YaRN ($\Delta$ YaRN), and passkey accuracy.}",
+        r"\label{tab:long}",
+        r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+        rf"\begin{{tabular}}{{l{'r' * len(multiples)}rrr}}",
+        r"\toprule",
+        rf"Variant & {head} & $\Delta$ cache & $\Delta$ YaRN & Passkey \\" if multiples else r"Variant & \\",
+        r"\midrule",
+    ]
+    if not aggs:
+        lines.append(r"\multicolumn{1}{c}{\emph{no runs with eval.json (run\_paper\_manifest.py --post-eval)}} \\")
+    for a in aggs:
+        ev, steps = a["eval"], common_steps([b for b in results["variants"] if b["group"] == a["group"]])
+        full = ev["nll"].get("none/full", {})
+        cells = [f"{full[m]:.3f}" if m in full else "--" for m in multiples]
+        for key in ("none/auto", "yarn/full"):
+            other = ev["nll"].get(key, {}).get(top)
+            cells.append("--" if other is None or top not in full else f"{other - full[top]:+.3f}")
+        acc = ev["passkey"].get("none/full", {}).get(top)
+        cells.append("--" if acc is None else f"{acc:.2f}")
+        lines.append(f"{tex_escape(label(a, steps))} & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}"]
+    if aggs:
+        chance = aggs[0]["eval"]["passkey_chance"]
+        lines.append(rf"\\[2pt]{{\footnotesize Passkey: 10 candidates, chance {chance:.2f}.}}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
