@@ -15,6 +15,7 @@ from production.core.errors import UserError
 from production.paper.figures import plot_convergence, plot_long_context, plot_pareto
 from production.paper.manifest import load_manifest
 from production.paper.results import collect
+from production.paper.summary import markdown_summary
 from production.paper.tables import long_context_table, number_macros, table
 
 
@@ -68,9 +69,11 @@ def main(argv=None) -> int:
     write_text(args.out / "table_main.tex", table(results, "main", main_caption(results), "tab:main"))
     write_text(args.out / "table_scale.tex", table(results, "scale", "Scale: the 1B-parameter runs.", "tab:scale"))
     write_text(args.out / "paper_numbers.tex", number_macros(results))
+    write_text(args.out / "summary.md", markdown_summary(results))
     print(
         f"wrote {args.out}/: paper_results.json, fig_convergence.png, fig_pareto_memory_vs_loss.png, "
-        f"fig_long_context.png, table_main.tex, table_scale.tex, table_long_context.tex, paper_numbers.tex "
+        f"fig_long_context.png, table_main.tex, table_scale.tex, table_long_context.tex, paper_numbers.tex, "
+        f"summary.md "
         f"({len(results['runs'])} runs"
         + (f", {len(missing)} missing or unfinished: {', '.join(missing)})" if missing else ")")
     )

@@ -187,6 +187,9 @@ def test_long_context_numbers_table_and_figure_come_from_eval_json(fixture_runs)
     base = statistics.fmean([5.50, 5.45])
     assert row == f"Decoupled & {base:.3f} & {base + 0.1:.3f} & {base + 0.2:.3f} & +0.010 & -0.020 & 0.30 \\\\"
     assert "Decoupled + null" not in tex and png_size(fixture_runs / "assets" / "fig_long_context.png")[0] > 0
+    md = (fixture_runs / "assets" / "summary.md").read_text()
+    assert f"| Decoupled | {base:.3f} | {base + 0.1:.3f} | {base + 0.2:.3f} | +0.0100 | -0.0200 | 0.30 |" in md
+    assert "| t | Standard | 15.0M | 5.650 ± 0.071 (2) |" in md
 
 
 def test_pngs_are_real_images_of_the_expected_size(fixture_runs):
