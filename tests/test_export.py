@@ -26,6 +26,8 @@ def test_export_round_trip_gives_identical_logits_and_samples(tmp_path, run_dir)
     proc = run_main("--mode", "export", "--ckpt", run_dir, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / "plain").write_text("")  # exports are as readable as any file the user writes
+    assert (out / "model.safetensors").stat().st_mode == (tmp_path / "plain").stat().st_mode
     record = json.loads((out / "config.json").read_text())
     best = torch.load(run_dir / "best.pt", weights_only=True)
     assert record["format"] == "dba.export/1" and record["step"] == best["step"]
