@@ -15,7 +15,7 @@ from production.config.evaluation import ROPE_SCALINGS, parse_multiples
 from production.core.errors import UserError
 from production.data.files import open_tokens
 from production.data.tokenizer import get_tokenizer
-from production.eval.probes import NEEDLE, QUESTION, key_pool, passkey_batch
+from production.eval.probes import NEEDLE, QUESTION, key_pool, passkey_batch, shortest_length
 from production.eval.scoring import last_logits, score_tokens
 from production.model.attention import cache_widths
 from production.model.rope import RopeScaling, Rotary, scaled_frequencies
@@ -84,6 +84,10 @@ def test_passkey_sequences_hide_the_key_at_the_depth_and_rank_it_among_single_to
         at = next(i for i in range(len(row)) if row[i : i + len(needle)] == needle)
         n_fill = 120 - len(needle) - len(question)
         assert at == round(0.5 * n_fill) and row[-len(question) :] == question
+    shortest = shortest_length(tok)
+    assert passkey_batch(filler, tok, shortest, 0.9, 4, torch.Generator().manual_seed(1))[0].shape == (4, shortest)
+    with pytest.raises(ValueError, match="too short"):
+        passkey_batch(filler, tok, shortest - 1, 0.9, 64, torch.Generator().manual_seed(1))
 
 
 def test_eval_report_is_valid_and_its_paths_agree(run_dir, tmp_path):

@@ -192,6 +192,17 @@ def test_long_context_numbers_table_and_figure_come_from_eval_json(fixture_runs)
     assert "| t | Standard | 15.0M | 5.650 ± 0.071 (2) |" in md
 
 
+def test_an_eval_report_of_another_format_is_reported_not_used(fixture_runs):
+    path = fixture_runs / "runs" / "t_baseline_s2" / "eval.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format": "dba.eval/0"}))
+    assert generate(fixture_runs).returncode == 2
+    assert generate(fixture_runs, "--partial").returncode == 0
+    res = json.loads((fixture_runs / "assets" / "paper_results.json").read_text())
+    run = next(r for r in res["runs"] if r["id"] == "t_baseline_s2")
+    assert run["status"] == "incomplete" and "dba.eval/0" in run["missing"][0] and "eval" not in run
+    assert next(a for a in res["variants"] if a["variant"] == "t_baseline")["eval"]["n"] == 1
+
+
 def test_pngs_are_real_images_of_the_expected_size(fixture_runs):
     assert generate(fixture_runs).returncode == 0
     # one group with sweeps -> one row of two panels

@@ -143,6 +143,15 @@ def test_lm_eval_cli_runs_the_dba_model_offline_on_local_tasks(tmp_path, ckpt):
     assert results["dba_rolling"]["word_perplexity,none"] > 1 and "exact_match,none" in results["dba_gen"]
 
 
+def test_arguments_as_lm_eval_parses_them_and_empty_continuations(ckpt):
+    lm = DBALM.create_from_arg_string(f"ckpt={ckpt},kv_policy=none", {"batch_size": 2, "device": "cpu"})
+    assert lm.policy is None and lm.batch_size == 2  # lm-eval turns `none` into None
+    ids = get_tokenizer().encode("To be or not")
+    for policy in ("none", "fp32"):
+        lm = DBALM(ckpt=ckpt, device="cpu", kv_policy=policy)
+        assert lm._loglikelihood_tokens([(None, ids, [])], disable_tqdm=True) == [(0.0, True)]
+
+
 def test_bad_adapter_input_is_one_error_line(tmp_path, ckpt, monkeypatch):
     write_tasks(tmp_path)
     base = ["--model", "dba", "--device", "cpu", "--tasks", "dba_mc", "--include_path", tmp_path]
@@ -154,6 +163,7 @@ def test_bad_adapter_input_is_one_error_line(tmp_path, ckpt, monkeypatch):
         ({"ckpt": ckpt, "kv_policy": "k=q3_0"}, "KV policy"),
         ({"ckpt": ckpt, "max_gen_toks": 99}, "max_gen_toks"),
         ({"ckpt": ckpt, "chunk": 0}, "chunk"),
+        ({"ckpt": ckpt, "kvpolicy": "fp16"}, "unknown dba model argument"),
     ]:
         with pytest.raises(UserError, match=fragment):
             DBALM(device="cpu", **model_args)

@@ -13,11 +13,13 @@ from production.config.evaluation import parse_multiples, parse_scalings, split_
 from production.config.fields import with_defaults
 from production.config.sampling import GuardLimits
 from production.core.atomic import write_json
+from production.core.errors import UserError
 from production.core.layout import checkpoint_file
 from production.core.runtime import RuntimeConfig, environment, resolve_runtime
 from production.data.tokenizer import get_tokenizer
 from production.eval.longctx import FULL, Route, eval_split, require_tokens
 from production.eval.plots import plot_loss_by_position, plot_passkey
+from production.eval.probes import shortest_length
 from production.eval.report import EVAL_FORMAT, EvalSpec, evaluate, route_record, settings, summary_rows
 from production.model.attention import cache_widths
 from production.train.checkpoint import load_model
@@ -52,6 +54,11 @@ def run(values: dict, argv: list[str]) -> int:
     tok = get_tokenizer()
     val, data = eval_split(ckpt["config"].get("data", {}), v["data"], v["cache_dir"], block, model.cfg.vocab_size)
     require_tokens(val, lengths[-1])  # before the tuner's search, which takes a while
+    if v["passkey_trials"] and lengths[0] < shortest_length(tok):
+        raise UserError(
+            f"the passkey probe needs contexts of at least {shortest_length(tok)} tokens, and the shortest length "
+            f"here is {lengths[0]}; drop the short multiples from --lengths or pass --passkey-trials 0"
+        )
     routes = build_routes(v, model, ckpt_path, ckpt, runtime, lengths[-1])
     seed = 1337 if v["seed"] is None else v["seed"]
     spec = EvalSpec(

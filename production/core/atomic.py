@@ -11,6 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread runs
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temp path beside `path`; on success the temp file replaces `path`, on failure it is removed."""
@@ -18,16 +27,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give: some writers (safetensors) create files 0600
+        os.chmod(tmp, 0o666 & ~UMASK)  # what open() would give: some writers (safetensors) create files 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_text(path: Path, text: str) -> None:

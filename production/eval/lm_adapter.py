@@ -9,7 +9,8 @@ Importing this module registers the model (lm-eval has no discovery of external 
                               `;` between items (lm-eval splits its arguments on commas): everything goes
                               through the KV cache in that policy
     chunk=1                   through a cache: continuation tokens fed per step (1: exactly decoding; more: faster)
-    dtype=auto max_length=<block size> max_gen_toks=min(256, max_length/2) seed=1337
+    dtype=auto max_length=<block size> max_gen_toks=min(256, max_length/2) seed=1337 (generation: request i
+    samples with seed + i); a longer max_length scores past the trained length with plain RoPE
 and lm-eval's own --device and --batch_size (default 1 on its CLI; e.g. --batch_size 16; `auto` means 16).
 
 Through a cache, a request's context is prefilled (exact attention over its own K/V, as when generation starts)
@@ -64,9 +65,13 @@ class DBALM(TemplateLM):
         max_gen_toks: int | None = None,
         seed: int = 1337,
         chunk: int = 1,
-        **unused,
+        max_batch_size: int | None = None,  # passed by lm-eval for --batch_size auto; batches here are fixed
+        **unknown,
     ):
         super().__init__()
+        if unknown:
+            known = "ckpt, kv_policy, device, dtype, batch_size, max_length, max_gen_toks, seed, chunk"
+            raise UserError(f"unknown dba model argument(s) {', '.join(sorted(unknown))}; the arguments are {known}")
         if ckpt is None:
             raise UserError("the dba model needs --model_args ckpt=RUN/best.pt (a checkpoint or run directory)")
         device = str(device or "auto")
@@ -90,8 +95,9 @@ class DBALM(TemplateLM):
         self.chunk = int(chunk)
         if self.chunk < 1:
             raise UserError(f"chunk must be a positive number of tokens, got {chunk}")
-        self.policy_text = str(kv_policy)
+        self.policy_text = "none" if kv_policy is None else str(kv_policy)  # lm-eval parses `none` as None
         self.policy = self._resolve_policy(self.policy_text)
+        self.requests_done = 0  # generation seeds: seed + request number, so repeats of a request differ
 
     def _resolve_policy(self, text: str) -> KVPolicy | None:
         """none -> None; paper / auto / fp16 / 'k=q8_0@32;v=q4_0@32' -> a checked policy for this model."""
@@ -103,9 +109,8 @@ class DBALM(TemplateLM):
             limits = GuardLimits(v["guard_max_logit"], v["guard_nll"], v["guard_ppl"])
             request = AutoRequest(limits, None, v["tuner_max_candidates"], self._max_length, v["cache_dir"])
             store = DecisionStore(v["tuner_store"])
-            text, _ = auto_policy(
-                self.model, self.ckpt_path, self.ckpt, [self.eot_token_id], request, self.runtime, store
-            )
+            # no prompt: calibration on the run's validation split, else the embedded corpus
+            text, _ = auto_policy(self.model, self.ckpt_path, self.ckpt, [], request, self.runtime, store)
             self.policy_text = f"auto ({text})"
         return parse_policy(text, list(cache_widths(self.model.cfg)))
 
@@ -132,7 +137,7 @@ class DBALM(TemplateLM):
         """requests: (key, context ids, continuation ids) -> (sum of log-probabilities, greedy) each, the
         context cut from the left to fit max_length."""
         rows = []
-        for _key, context, continuation in requests:
+        for _, context, continuation in requests:
             seq = (context + continuation)[-(self._max_length + 1) :]
             rows.append((seq, min(len(continuation), len(seq) - 1)))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
@@ -154,8 +159,6 @@ class DBALM(TemplateLM):
                 scored = [(logp[0], hit[0])]
             for i, (logp, hit) in zip(batch, scored, strict=True):
                 results[i] = (float(logp.sum()), bool(hit.all()))
-                if requests[i][0] is not None:  # lm-eval's --use_cache
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -181,7 +184,9 @@ class DBALM(TemplateLM):
             n_new = min(int(kwargs["max_gen_toks"]), self._max_length - 1)
             ids = self.tok_encode(context)[-(self._max_length - n_new) :] or [self.eot_token_id]
             greedy = not kwargs.get("do_sample") or not kwargs.get("temperature")
-            cfg = SamplingConfig(n_new, float(kwargs.get("temperature") or 1.0), None, greedy, self.seed)
+            seed = self.seed + self.requests_done
+            self.requests_done += 1
+            cfg = SamplingConfig(n_new, float(kwargs.get("temperature") or 1.0), None, greedy, seed)
             stop = stop_check(self.tok.decode, until)
             result = generate(
                 self.model, torch.tensor([ids]), cfg, self.policy, len(ids) + n_new, self.autocast, stop=stop
@@ -190,5 +195,4 @@ class DBALM(TemplateLM):
             for s in until:
                 text = text.split(s)[0]
             out.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return out

@@ -35,6 +35,12 @@ def key_pool(tok: GPT2Tokenizer) -> tuple[tuple[int, int], ...]:
     return tuple(pool)
 
 
+def shortest_length(tok: GPT2Tokenizer) -> int:
+    """The fewest tokens a passkey sequence can have: the longest needle and the question, no filler."""
+    needle = max(len(tok.encode(NEEDLE.format(key=n))) for n, _ in key_pool(tok))
+    return needle + len(tok.encode(QUESTION))
+
+
 def passkey_batch(
     filler: TokenStream, tok: GPT2Tokenizer, length: int, depth: float, trials: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +56,7 @@ def passkey_batch(
         if n_fill < 0:
             raise ValueError(f"length {length} is too short for the passkey probe")
         start = int(torch.randint(0, len(filler) - n_fill, (1,), generator=gen))
-        fill = filler.window(start, n_fill).tolist()
+        fill = filler.window(start, n_fill).tolist() if n_fill else []
         at = round(depth * n_fill)
         rows.append(fill[:at] + needle + fill[at:] + question)
         cands.append([key_id] + [pool[i][1] for i in picks[1:]])

@@ -66,7 +66,10 @@ def evaluate(
                         cell | loss_by_position(model, windows, length, route, spec.chunk, block // 4, autocast)
                     )
                     out["induction"].append(
-                        cell | induction(model, tok.vocab_size, length, INDUCTION_TRIALS, route, spec.chunk, spec.seed)
+                        cell
+                        | induction(
+                            model, tok.vocab_size, length, INDUCTION_TRIALS, route, spec.chunk, spec.seed, autocast
+                        )
                     )
                     for depth in PASSKEY_DEPTHS if spec.passkey_trials else ():
                         args = (length, depth, spec.passkey_trials, route, spec.chunk, spec.seed, autocast)

@@ -13,11 +13,13 @@ import torch
 from production.cache.policy import KVPolicy
 from production.model.gpt import GPT
 
-HEAD_ROWS = 256  # positions per head evaluation: 256 x 50304 float32 logits = 51 MB
+HEAD_ROWS = 256  # positions per head evaluation: 256 x 50304 float32 logits = 51 MB per batch row
 
 
 def _score(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (B, T, d), targets (B, T) -> log-probabilities (float32) and argmax hits (B, T)."""
+    if hidden.shape[1] == 0:  # nothing to score (an empty continuation)
+        return torch.zeros(targets.shape, device=hidden.device), torch.ones(targets.shape, dtype=torch.bool)
     logps, hits = [], []
     for t0 in range(0, hidden.shape[1], HEAD_ROWS):
         logits = model.head(hidden[:, t0 : t0 + HEAD_ROWS]).float()
@@ -88,7 +90,7 @@ def last_logits(model: GPT, ids: torch.Tensor, policy: KVPolicy | None = None, c
 def forward_logprobs(
     model: GPT, seqs: list[list[int]], n_scored: list[int], autocast=None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One batch of full forward passes: sequence i (at most block_size + 1 tokens) runs as inputs seqs[i][:-1] and
+    """One batch of full forward passes: sequence i runs as inputs seqs[i][:-1] and
     its last n_scored[i] tokens are scored. Rows are right-padded (causal attention never looks right)."""
     autocast = autocast or contextlib.nullcontext
     width = max(len(s) for s in seqs)

@@ -20,6 +20,7 @@ from production.core.errors import UserError
 from production.core.layout import RunDir, read_events
 
 CORE_EXPS = ("paper_baseline", "paper_bottleneck", "paper_decoupled", "paper_gqa")
+EVAL_FORMAT = "dba.eval/1"  # the format of runs/<id>/eval.json (production.eval.report writes it)
 
 
 def variant_of(run_id: str) -> str:
@@ -95,8 +96,11 @@ def collect_run(spec: dict, group: dict, runs_dir: Path, partial: bool) -> dict:
     row["final_val_ppl"] = math.exp(row["final_val_loss"])
     if run.eval.exists():  # optional: run_paper_manifest.py --post-eval
         try:
-            row["eval"] = eval_numbers(json.loads(run.eval.read_text()))
-        except (json.JSONDecodeError, KeyError) as e:
+            report = json.loads(run.eval.read_text())
+            if report.get("format") != EVAL_FORMAT:
+                raise ValueError(f"format {report.get('format')!r}, expected {EVAL_FORMAT}")
+            row["eval"] = eval_numbers(report)
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
             absent(f"{run.eval} is malformed ({type(e).__name__}: {e})")
     mem_path = run.mem128k
     if not mem_path.exists():
@@ -152,7 +156,10 @@ def mean_eval(evals: list[dict]) -> dict | None:
     curves = {}
     for path in set.intersection(*(set(e["curves"]) for e in evals)):
         points = [e["curves"][path] for e in evals]
-        curves[path] = [[xs[0][0], statistics.fmean(p[1] for p in xs)] for xs in zip(*points, strict=False)]
+        n = min(len(p) for p in points)  # seeds evaluated to different lengths share their common prefix
+        curves[path] = [
+            [xs[0][0], statistics.fmean(p[1] for p in xs)] for xs in zip(*(p[:n] for p in points), strict=True)
+        ]
     first = evals[0]
     return {
         "block_size": first["block_size"],

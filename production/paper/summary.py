@@ -41,6 +41,8 @@ def long_context_rows(results: dict) -> list[str]:
     if not aggs:
         return []
     multiples = sorted({m for a in aggs for m in a["eval"]["nll"].get("none/full", {})}, key=int)
+    if not multiples:  # evaluated without plain RoPE or full forward passes
+        return []
     top = multiples[-1]
     rows = [
         f"Validation NLL by context length (multiples of the training length; full forward passes, plain RoPE); "

@@ -187,6 +187,6 @@ def long_context_table(results: dict) -> str:
     lines += [r"\bottomrule", r"\end{tabular}}"]
     if aggs:
         chance = aggs[0]["eval"]["passkey_chance"]
-        lines.append(rf"\\[2pt]{{\footnotesize Passkey: 10 candidates, chance {chance:.2f}.}}")
+        lines.append(rf"\\[2pt]{{\footnotesize Passkey: {round(1 / chance)} candidates, chance {chance:.2f}.}}")
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
