@@ -38,7 +38,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--post-eval",
         action="store_true",
-        help="write eval.json (main.py --mode eval: fp16 and auto caches, plain RoPE and YaRN) for each finished run",
+        help="write eval.json (main.py --mode eval: full forward and the tuner's cache, plain RoPE and YaRN) for each "
+        "finished run",
     )
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
     p.add_argument("--device", default="auto", help="device for training and the memory benchmark")
