@@ -214,3 +214,16 @@ def test_the_runner_passes_the_tracker_and_its_group(tmp_path):
     proc = run_manifest("--manifest", m, "--group", "g", "--dry-run", "--tracker", "tensorboard")
     assert proc.returncode == 0, proc.stderr
     assert "--tracker tensorboard --tracker-group g" in proc.stdout
+
+
+def test_output_into_a_reader_that_stops_early_is_not_a_traceback(monkeypatch):
+    """`run_paper_manifest.py --dry-run | head -1`: the reader has gone while the runner still prints."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` exits
+    with os.fdopen(write_end, "w", buffering=1) as gone:
+        monkeypatch.setattr(sys, "stdout", gone)
+        code = run_paper_manifest.main(
+            ["--manifest", str(REPO / "paper_manifest.json"), "--group", "cpu_smoke", "--dry-run"]
+        )
+        monkeypatch.undo()
+    assert code == 1

@@ -10,6 +10,7 @@ into one `error:` line and exit status 2 (a TrainingError into exit 1), with no 
 import argparse
 import contextlib
 import functools
+import os
 import signal
 import sys
 import threading
@@ -59,6 +60,9 @@ def command(interrupted: str | None = None) -> Callable:
                     raise
                 print(f"\n{interrupted}", file=sys.stderr)
                 return 130
+            except BrokenPipeError:  # the output went to a reader that stopped early (`| head`): not an error
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush stays quiet
+                return 1
 
         return run
 
