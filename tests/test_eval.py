@@ -151,3 +151,14 @@ def test_bad_eval_input_is_one_line_and_keeps_the_earlier_report(run_dir, tmp_pa
     assert out.read_text() == '{"earlier": true}'
     with pytest.raises(UserError):
         parse_multiples("1,-2")
+
+
+def test_a_model_without_rope_is_evaluated_once_not_per_extension(tmp_path, token_file):
+    out = tmp_path / "norope"
+    train = ["--mode", "train", *TINY, "--data", token_file, "--out-dir", out, "--no-rope"]
+    assert run_main(*train, *"--steps 1 --eval-every 1 --eval-iters 1".split()).returncode == 0
+    args = "--lengths 1,2 --windows 1 --passkey-trials 0 --kv-policy none --rope-scaling none,yarn".split()
+    proc = run_main("--mode", "eval", "--ckpt", out, "--device", "cpu", *args)
+    assert proc.returncode == 0 and "no RoPE" in proc.stderr, proc.stderr
+    report = json.loads((out / "eval.json").read_text())
+    assert report["settings"]["rope_scaling"] == ["none"] and len(report["loss"]) == 2

@@ -61,9 +61,11 @@ def run(values: dict, argv: list[str]) -> int:
         )
     routes = build_routes(v, model, ckpt_path, ckpt, runtime, lengths[-1])
     seed = 1337 if v["seed"] is None else v["seed"]
-    spec = EvalSpec(
-        lengths, v["windows"], tuple(parse_scalings(v["rope_scaling"])), v["chunk"], v["passkey_trials"], seed
-    )
+    scalings = tuple(parse_scalings(v["rope_scaling"]))
+    if not model.cfg.rope and scalings != ("none",):  # nothing to stretch: the extensions would repeat `none`
+        print("this model has no RoPE; --rope-scaling is ignored", file=sys.stderr)
+        scalings = ("none",)
+    spec = EvalSpec(lengths, v["windows"], scalings, v["chunk"], v["passkey_trials"], seed)
     result = evaluate(model, val, tok, routes, spec, runtime.autocast)
     config = ckpt["config"]
     report = {
