@@ -1,7 +1,7 @@
 # Short helpers; every target also works as the plain command shown in README.md.
 PYTHON ?= python
 
-.PHONY: install install-prepare demo test test-slow lint bench bench-gpu paper
+.PHONY: install install-prepare demo test test-slow lint bench bench-gpu paper reference
 
 install:  ## torch 2.13.0 only when no torch is installed (keeps your CUDA/MPS build), then the rest
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
@@ -43,3 +43,7 @@ paper:  ## paper.pdf from paper.tex and the generated assets (python generate_pa
 	bibtex paper > /dev/null
 	pdflatex -interaction=nonstopmode -halt-on-error paper.tex > /dev/null
 	pdflatex -interaction=nonstopmode -halt-on-error paper.tex | grep -E "Output written|Warning" || true
+
+reference:  ## the cpu_reference group (4 variants x 3 seeds at nano, about 75 min on 2 cores) -> results/cpu_reference/
+	$(PYTHON) run_paper_manifest.py --group cpu_reference --post-mem128k --post-eval
+	$(PYTHON) generate_paper_figures.py --group cpu_reference --out results/cpu_reference
