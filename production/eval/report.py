@@ -49,37 +49,44 @@ def route_record(route: Route, model: GPT, length: int) -> dict:
 def evaluate(
     model: GPT, val: TokenStream, tok: GPT2Tokenizer, routes: list[Route], spec: EvalSpec, autocast=None
 ) -> dict:
-    """Every cell, with a progress bar; the model's RoPE is plain again afterwards."""
+    """Every cell, with a progress bar; the model's RoPE is plain again afterwards. An extension at or below the
+    trained length is plain RoPE, so such cells are computed once and reported under each extension."""
     block = model.cfg.block_size
     windows = validation_windows(val, spec.windows, spec.lengths[-1], spec.seed)
     out = {"loss": [], "passkey": [], "induction": []}
+    done: dict[tuple, dict] = {}  # (effective extension, length, route) -> its cells
     t0 = time.perf_counter()
     bar = tqdm(total=spec.cells * len(routes), desc="eval", unit="cell", disable=None)
     try:
         for kind in spec.scalings:
             for length in spec.lengths:
-                model.set_rope_scaling(scaling_for(kind, length, block))
+                scaling = scaling_for(kind, length, block)
+                model.set_rope_scaling(scaling)
                 for route in routes:
                     bar.set_postfix_str(f"{kind} {length} {route.label}", refresh=False)
-                    cell = {"rope_scaling": kind}
-                    out["loss"].append(
-                        cell | loss_by_position(model, windows, length, route, spec.chunk, block // 4, autocast)
-                    )
-                    out["induction"].append(
-                        cell
-                        | induction(
-                            model, tok.vocab_size, length, INDUCTION_TRIALS, route, spec.chunk, spec.seed, autocast
-                        )
-                    )
-                    for depth in PASSKEY_DEPTHS if spec.passkey_trials else ():
-                        args = (length, depth, spec.passkey_trials, route, spec.chunk, spec.seed, autocast)
-                        out["passkey"].append(cell | passkey(model, val, tok, *args))
+                    key = ("none" if scaling is None else kind, length, route.label)
+                    if key not in done:
+                        done[key] = run_cell(model, val, tok, windows, length, route, spec, autocast)
+                    for name, rows in done[key].items():
+                        out[name] += [{"rope_scaling": kind} | row for row in rows]
                     bar.update()
     finally:
         model.set_rope_scaling(None)
         bar.close()
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def run_cell(model, val, tok, windows, length: int, route: Route, spec: EvalSpec, autocast) -> dict[str, list]:
+    """One (length, route) cell under the model's current RoPE: its loss, induction and passkey rows."""
+    block = model.cfg.block_size
+    loss = loss_by_position(model, windows, length, route, spec.chunk, block // 4, autocast)
+    copy = induction(model, tok.vocab_size, length, INDUCTION_TRIALS, route, spec.chunk, spec.seed, autocast)
+    keys = []
+    for depth in PASSKEY_DEPTHS if spec.passkey_trials else ():
+        args = (length, depth, spec.passkey_trials, route, spec.chunk, spec.seed, autocast)
+        keys.append(passkey(model, val, tok, *args))
+    return {"loss": [loss], "induction": [copy], "passkey": keys}
 
 
 def settings(spec: EvalSpec, block: int) -> dict:
