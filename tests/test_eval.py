@@ -16,6 +16,7 @@ from production.core.errors import UserError
 from production.data.files import open_tokens
 from production.data.tokenizer import get_tokenizer
 from production.eval.probes import NEEDLE, QUESTION, key_pool, passkey_batch, shortest_length
+from production.eval.report import log_bins
 from production.eval.scoring import last_logits, score_tokens
 from production.model.attention import cache_widths
 from production.model.rope import RopeScaling, Rotary, scaled_frequencies
@@ -162,3 +163,10 @@ def test_a_model_without_rope_is_evaluated_once_not_per_extension(tmp_path, toke
     assert proc.returncode == 0 and "no RoPE" in proc.stderr, proc.stderr
     report = json.loads((out / "eval.json").read_text())
     assert report["settings"]["rope_scaling"] == ["none"] and len(report["loss"]) == 2
+
+
+def test_log_bins_average_doubling_ranges_weighted_by_tokens():
+    buckets = [{"start": t, "end": t + 8, "nll": float(t // 8)} for t in range(0, 40, 8)]  # 5 buckets, 40 tokens
+    x, nll = zip(*log_bins(buckets), strict=True)  # ranges [0, 8), [8, 16), [16, 32), [32, 40)
+    assert nll == (0.0, 1.0, 2.5, 4.0)
+    assert x == pytest.approx([8**0.5, (8 * 16) ** 0.5, (16 * 32) ** 0.5, (32 * 40) ** 0.5])

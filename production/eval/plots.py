@@ -7,6 +7,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
 
+from production.eval.report import log_bins
+
 DPI = 150
 
 
@@ -28,16 +30,15 @@ def plot_loss_by_position(reports: list[dict], path: Path, title: str | None = N
     for report in reports:
         blocks.add(report["settings"]["block_size"])
         for cell in longest_cells(report):
-            x = [(b["start"] + b["end"]) / 2 for b in cell["buckets"]]
-            y = [b["nll"] for b in cell["buckets"]]
+            x, y = zip(*log_bins(cell["buckets"]), strict=True)
             extension = "" if cell["rope_scaling"] == "none" else f", RoPE {cell['rope_scaling']}"
             style = "-" if cell["path"] == "full" else "--"
-            ax.plot(x, y, style, lw=1.4, label=f"{variant_name(report)}: {cell['path']}{extension}")
+            ax.plot(x, y, style, marker="o", ms=3, lw=1.4, label=f"{variant_name(report)}: {cell['path']}{extension}")
     for block in sorted(blocks):
         ax.axvline(block, color="0.4", lw=1, ls=":")
         ax.text(block, 1.0, " trained length", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the context (tokens)")
+    ax.set_xlabel("position in the context (tokens, log scale; each point averages a doubling range)")
     ax.set_ylabel("mean NLL (nats), validation windows")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)

@@ -107,6 +107,21 @@ def settings(spec: EvalSpec, block: int) -> dict:
     }
 
 
+def log_bins(buckets: list[dict]) -> list[tuple[float, float]]:
+    """Buckets of equal width -> (geometric-mean position, mean NLL) over the position ranges [0, w), [w, 2w),
+    [2w, 4w), ..., so that a log-scale plot gets evenly spaced points that average more tokens further out."""
+    width = buckets[0]["end"] - buckets[0]["start"]
+    out, lo = [], 0
+    while lo < buckets[-1]["end"]:
+        hi = max(width, 2 * lo)
+        inside = [b for b in buckets if lo <= b["start"] < hi]
+        tokens = sum(b["end"] - b["start"] for b in inside)
+        nll = sum(b["nll"] * (b["end"] - b["start"]) for b in inside) / tokens
+        out.append((max(1.0, (max(lo, 1) * min(hi, buckets[-1]["end"])) ** 0.5), nll))
+        lo = hi
+    return out
+
+
 def summary_rows(report: dict) -> list[str]:
     """The report as a few readable lines: mean NLL per length for each route and extension, then the probes."""
     lengths = report["settings"]["lengths"]

@@ -154,7 +154,7 @@ def plot_long_context(results: dict, path: Path) -> None:
             if route in ev["curves"]:
                 x, y = zip(*ev["curves"][route], strict=True)
                 name = label(a, steps) + ("" if route == "full" else f", cache {short_policy(ev['routes'][route])}")
-                ax.plot(x, y, style, color=color, lw=1.5 if route == "full" else 1.1, label=name)
+                ax.plot(x, y, style, color=color, marker="o", ms=3, lw=1.5 if route == "full" else 1.1, label=name)
     for block in sorted(blocks):
         ax.axvline(block, color="0.4", lw=1, ls=":")
         ax.text(block, 1.0, " trained length", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
@@ -164,7 +164,7 @@ def plot_long_context(results: dict, path: Path) -> None:
     else:
         ax.text(0.5, 0.5, "no runs with eval.json", ha="center", va="center", transform=ax.transAxes)
     over_seeds = ", mean over seeds" if results["max_seeds"] >= 2 else ""
-    ax.set_xlabel("position in the context (tokens, log scale)")
+    ax.set_xlabel("position in the context (tokens, log scale; each point averages a doubling range)")
     ax.set_ylabel(f"validation NLL (nats){over_seeds}")
     ax.set_title("Loss by position past the training length")
     ax.grid(alpha=0.3, which="both")

@@ -18,9 +18,9 @@ from scipy import stats
 
 from production.core.errors import UserError
 from production.core.layout import RunDir, read_events
+from production.eval.report import EVAL_FORMAT, log_bins
 
 CORE_EXPS = ("paper_baseline", "paper_bottleneck", "paper_decoupled", "paper_gqa")
-EVAL_FORMAT = "dba.eval/1"  # the format of runs/<id>/eval.json (production.eval.report writes it)
 
 
 def variant_of(run_id: str) -> str:
@@ -123,7 +123,7 @@ def eval_numbers(report: dict) -> dict:
         key = f"{cell['rope_scaling']}/{cell['path']}"
         nll.setdefault(key, {})[str(cell["length"] // block)] = cell["mean_nll"]
         if cell["length"] == report["settings"]["lengths"][-1] and cell["rope_scaling"] == "none":
-            curves[cell["path"]] = [[(b["start"] + b["end"]) / 2, b["nll"]] for b in cell["buckets"]]
+            curves[cell["path"]] = [list(point) for point in log_bins(cell["buckets"])]
     for cell in report["passkey"]:
         key, multiple = f"{cell['rope_scaling']}/{cell['path']}", str(cell["length"] // block)
         passkey.setdefault(key, {}).setdefault(multiple, []).append(cell["accuracy"])
