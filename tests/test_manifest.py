@@ -100,6 +100,7 @@ def test_dry_run_trains_nothing_and_names_missing_data(tmp_path):
     assert real.returncode == 2 and "does not exist" in real.stderr
 
 
+@pytest.mark.slow  # three trainings, their memory reports and an evaluation as subprocesses: about 30 s
 def test_runs_with_provenance_then_skip_resume_and_survive_a_failure(tmp_path, token_file):
     runs_dir = tmp_path / "runs"
     m = write_manifest(
