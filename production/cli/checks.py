@@ -43,11 +43,15 @@ def check_train(v: dict) -> None:
         raise UserError(f"--resume-path {v['resume_path']} is not a file (give a run's last.pt)")
 
 
+def require_checkpoint(v: dict, mode: str, what: str = "a run directory, or its best.pt / last.pt") -> None:
+    if v["ckpt"] is None:
+        raise UserError(f"--mode {mode} needs --ckpt ({what})")
+    checkpoint_file(v["ckpt"])
+
+
 def check_sample(v: dict) -> None:
     check_device(v["device"])
-    if v["ckpt"] is None:
-        raise UserError("--mode sample needs --ckpt (a run directory, or its best.pt / last.pt)")
-    checkpoint_file(v["ckpt"])
+    require_checkpoint(v, "sample")
     SamplingConfig(**{k: v[k] for k in SAMPLING_OPTIONS if v[k] is not None})
     if (v["prompt"] is None) == (v["prompt_tokens"] is None):
         raise UserError('give exactly one of --prompt TEXT or --prompt-tokens "ID ID ..."')
@@ -68,9 +72,7 @@ def check_export(v: dict) -> None:
 
 def check_eval(v: dict) -> None:
     check_device(v["device"])
-    if v["ckpt"] is None:
-        raise UserError("--mode eval needs --ckpt (a run directory, or its best.pt / last.pt, or an export)")
-    checkpoint_file(v["ckpt"])
+    require_checkpoint(v, "eval", "a run directory, or its best.pt / last.pt, or an export")
     parse_multiples(v["lengths"])
     parse_scalings(v["rope_scaling"])
     split_policies(v["kv_policy"])

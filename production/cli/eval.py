@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 from production.cache.policy import parse_policy
 from production.config.evaluation import parse_multiples, parse_scalings, split_policies
 from production.config.fields import with_defaults
-from production.config.sampling import GuardLimits
 from production.core.atomic import write_json
 from production.core.errors import UserError
 from production.core.layout import checkpoint_file
@@ -34,8 +33,7 @@ def build_routes(v: dict, model, ckpt_path, ckpt, runtime: RuntimeConfig, max_se
     for text in split_policies(v["kv_policy"]):
         resolved = text
         if text == "auto":
-            limits = GuardLimits(v["guard_max_logit"], v["guard_nll"], v["guard_ppl"])
-            request = AutoRequest(limits, v["max_cache_bytes"], v["tuner_max_candidates"], max_seq, v["cache_dir"])
+            request = AutoRequest.from_options(v, max_seq)
             resolved, tuner = auto_policy(model, ckpt_path, ckpt, [], request, runtime, DecisionStore(v["tuner_store"]))
             print(f"kv-policy auto: {resolved} ({tuner['source']})", file=sys.stderr)
         policy = parse_policy(resolved, streams)

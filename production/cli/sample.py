@@ -9,7 +9,7 @@ import torch
 
 from production.cache.policy import parse_policy
 from production.config.fields import with_defaults
-from production.config.sampling import GuardLimits, SamplingConfig
+from production.config.sampling import SamplingConfig
 from production.core.errors import UserError
 from production.core.layout import checkpoint_file
 from production.core.runtime import device_signature, resolve_runtime
@@ -54,8 +54,7 @@ def run(values: dict, argv: list[str]) -> int:
     store = DecisionStore(v["tuner_store"])
     policy_text, tuner = v["kv_policy"], None
     if policy_text == "auto":
-        limits = GuardLimits(v["guard_max_logit"], v["guard_nll"], v["guard_ppl"])
-        request = AutoRequest(limits, v["max_cache_bytes"], v["tuner_max_candidates"], max_seq, v["cache_dir"])
+        request = AutoRequest.from_options(v, max_seq)
         policy_text, tuner = auto_policy(model, ckpt_path, ckpt, ids, request, runtime, store)
         print(
             f"kv-policy auto: {policy_text} ({tuner['source']}, "

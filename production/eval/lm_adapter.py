@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from production.cache.policy import PAPER_POLICY, KVPolicy, parse_policy
 from production.config.fields import with_defaults
-from production.config.sampling import GuardLimits, SamplingConfig
+from production.config.sampling import SamplingConfig
 from production.core.errors import UserError
 from production.core.layout import checkpoint_file
 from production.core.runtime import resolve_runtime
@@ -95,8 +95,7 @@ class DBALM(TemplateLM):
         self.chunk = int(chunk)
         if self.chunk < 1:
             raise UserError(f"chunk must be a positive number of tokens, got {chunk}")
-        self.policy_text = "none" if kv_policy is None else str(kv_policy)  # lm-eval parses `none` as None
-        self.policy = self._resolve_policy(self.policy_text)
+        self.policy = self._resolve_policy("none" if kv_policy is None else str(kv_policy))  # lm-eval: none -> None
         self.requests_done = 0  # generation seeds: seed + request number, so repeats of a request differ
 
     def _resolve_policy(self, text: str) -> KVPolicy | None:
@@ -106,12 +105,10 @@ class DBALM(TemplateLM):
             return None
         if text == "auto":
             v = with_defaults({})
-            limits = GuardLimits(v["guard_max_logit"], v["guard_nll"], v["guard_ppl"])
-            request = AutoRequest(limits, None, v["tuner_max_candidates"], self._max_length, v["cache_dir"])
             store = DecisionStore(v["tuner_store"])
             # no prompt: calibration on the run's validation split, else the embedded corpus
+            request = AutoRequest.from_options(v, self._max_length)
             text, _ = auto_policy(self.model, self.ckpt_path, self.ckpt, [], request, self.runtime, store)
-            self.policy_text = f"auto ({text})"
         return parse_policy(text, list(cache_widths(self.model.cfg)))
 
     @property
@@ -148,8 +145,6 @@ class DBALM(TemplateLM):
             if self.policy is None:
                 seqs, n_scored = [rows[i][0] for i in batch], [rows[i][1] for i in batch]
                 scored = forward_logprobs(self.model, seqs, n_scored, self.autocast)
-            elif rows[batch[0]][1] == 0:  # nothing to score
-                scored = [(torch.zeros(0), torch.ones(0, dtype=torch.bool))]
             else:
                 seq, n = rows[batch[0]]  # the context prefilled, the continuation decoded token by token
                 ids = torch.tensor([seq])

@@ -19,7 +19,7 @@ HEAD_ROWS = 256  # positions per head evaluation: 256 x 50304 float32 logits = 5
 def _score(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (B, T, d), targets (B, T) -> log-probabilities (float32) and argmax hits (B, T)."""
     if hidden.shape[1] == 0:  # nothing to score (an empty continuation)
-        return torch.zeros(targets.shape, device=hidden.device), torch.ones(targets.shape, dtype=torch.bool)
+        return nothing_scored(targets)
     logps, hits = [], []
     for t0 in range(0, hidden.shape[1], HEAD_ROWS):
         logits = model.head(hidden[:, t0 : t0 + HEAD_ROWS]).float()
@@ -27,6 +27,12 @@ def _score(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[tor
         logps.append(torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0])
         hits.append(logits.argmax(dim=-1) == target)
     return torch.cat(logps, dim=1), torch.cat(hits, dim=1)
+
+
+def nothing_scored(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The result for zero scored positions: (B, 0) log-probabilities and hits."""
+    empty = targets[:, :0]
+    return torch.zeros(empty.shape, device=targets.device), torch.ones(empty.shape, dtype=torch.bool)
 
 
 def hidden_chunks(
@@ -71,6 +77,8 @@ def score_tokens(
                 logp, hit = _score(model, hidden[:, lo - t0 :], targets[:, lo:t1])
                 logps.append(logp)
                 hits.append(hit)
+    if not logps:  # nothing to score (first = N - 1: an empty continuation)
+        return nothing_scored(targets)
     return torch.cat(logps, dim=1), torch.cat(hits, dim=1)
 
 

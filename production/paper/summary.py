@@ -4,6 +4,7 @@ best validation loss over its seeds, KV cache at 128k, and its long-context numb
 from __future__ import annotations
 
 from production.paper.labels import common_steps, fmt_bytes, label, short_policy
+from production.paper.tables import long_context_cells, long_context_rows
 
 
 def fmt_loss(stat: dict) -> str:
@@ -36,40 +37,28 @@ def main_rows(results: dict) -> list[str]:
     return rows
 
 
-def long_context_rows(results: dict) -> list[str]:
-    aggs = [a for a in results["variants"] if a.get("eval")]
-    if not aggs:
+def long_context_markdown(results: dict) -> list[str]:
+    multiples, rows = long_context_rows(results)
+    if not multiples:  # no reports, or none evaluated with plain RoPE and full forward passes
         return []
-    multiples = sorted({m for a in aggs for m in a["eval"]["nll"].get("none/full", {})}, key=int)
-    if not multiples:  # evaluated without plain RoPE or full forward passes
-        return []
-    top = multiples[-1]
-    rows = [
+    chance = rows[0][0]["eval"]["passkey_chance"]
+    lines = [
         f"Validation NLL by context length (multiples of the training length; full forward passes, plain RoPE); "
-        f"at {top}×: the change through the tuner's cache and with YaRN, and passkey accuracy (chance "
-        f"{aggs[0]['eval']['passkey_chance']:.2f}).",
+        f"at {multiples[-1]}×: the change through the tuner's cache and with YaRN, and passkey accuracy (chance "
+        f"{chance:.2f}).",
         "",
         "| Variant | " + " | ".join(f"{m}×" for m in multiples) + " | Δ cache | Δ YaRN | Passkey |",
         "|---|" + "---:|" * (len(multiples) + 3),
     ]
-    for a in aggs:
-        ev = a["eval"]
-        steps = common_steps([b for b in results["variants"] if b["group"] == a["group"]])
-        full = ev["nll"].get("none/full", {})
-        cells = [f"{full[m]:.3f}" if m in full else "–" for m in multiples]
-        for key in ("none/auto", "yarn/full"):
-            other = ev["nll"].get(key, {}).get(top)
-            cells.append("–" if other is None or top not in full else f"{other - full[top]:+.4f}")
-        acc = ev["passkey"].get("none/full", {}).get(top)
-        cells.append("–" if acc is None else f"{acc:.2f}")
-        rows.append(f"| {label(a, steps)} | " + " | ".join(cells) + " |")
-    return rows
+    for _, name, cells in rows:
+        lines.append(f"| {name} | " + " | ".join(long_context_cells(cells, len(multiples), 4, "–")) + " |")
+    return lines
 
 
 def markdown_summary(results: dict) -> str:
     groups = ", ".join(g["name"] for g in results["groups"])
     parts = [f"Results of {groups} ({len(results['runs'])} runs).", "", *main_rows(results)]
-    long_rows = long_context_rows(results)
+    long_rows = long_context_markdown(results)
     if long_rows:
         parts += ["", *long_rows]
     return "\n".join(parts) + "\n"

@@ -151,11 +151,37 @@ def setup_text(results: dict) -> str:
     return " ".join(sentences)
 
 
+def long_context_rows(results: dict) -> tuple[list[str], list[tuple[dict, str, list]]]:
+    """The numbers of the long-context tables (LaTeX and Markdown): the multiples of the training length every
+    table column names, and per variant with an eval report its label and cells: mean NLL at each multiple
+    (full forward passes, plain RoPE), then at the longest the change through the tuner's cache and with YaRN,
+    and passkey accuracy there (None where the report lacks the cell)."""
+    aggs = [a for a in results["variants"] if a.get("eval")]
+    multiples = sorted({m for a in aggs for m in a["eval"]["nll"].get("none/full", {})}, key=int)
+    top = multiples[-1] if multiples else "1"
+    rows = []
+    for a in aggs:
+        ev, steps = a["eval"], common_steps([b for b in results["variants"] if b["group"] == a["group"]])
+        full = ev["nll"].get("none/full", {})
+        cells = [full.get(m) for m in multiples]
+        for key in ("none/auto", "yarn/full"):
+            other = ev["nll"].get(key, {}).get(top)
+            cells.append(None if other is None or top not in full else other - full[top])
+        cells.append(ev["passkey"].get("none/full", {}).get(top))
+        rows.append((a, label(a, steps), cells))
+    return multiples, rows
+
+
+def long_context_cells(cells: list, n_multiples: int, delta_digits: int, missing: str) -> list[str]:
+    """long_context_rows' cells as text: NLL to 3 decimals, the two changes signed, passkey to 2."""
+    specs = [".3f"] * n_multiples + [f"+.{delta_digits}f"] * 2 + [".2f"]
+    return [missing if c is None else format(c, spec) for c, spec in zip(cells, specs, strict=True)]
+
+
 def long_context_table(results: dict) -> str:
     """Mean NLL at each evaluated multiple of the training length (full forward passes, plain RoPE), the gap of
     the tuner's quantized cache and of YaRN at the longest length, and passkey accuracy there."""
-    aggs = [a for a in results["variants"] if a.get("eval")]
-    multiples = sorted({m for a in aggs for m in a["eval"]["nll"].get("none/full", {})}, key=int)
+    multiples, rows = long_context_rows(results)
     top = multiples[-1] if multiples else "1"
     head = " & ".join(f"{m}$\\times$" for m in multiples)
     lines = [
@@ -172,21 +198,13 @@ def long_context_table(results: dict) -> str:
         rf"Variant & {head} & $\Delta$ cache & $\Delta$ YaRN & Passkey \\" if multiples else r"Variant & \\",
         r"\midrule",
     ]
-    if not aggs:
+    if not rows:
         lines.append(r"\multicolumn{1}{c}{\emph{no runs with eval.json (run\_paper\_manifest.py --post-eval)}} \\")
-    for a in aggs:
-        ev, steps = a["eval"], common_steps([b for b in results["variants"] if b["group"] == a["group"]])
-        full = ev["nll"].get("none/full", {})
-        cells = [f"{full[m]:.3f}" if m in full else "--" for m in multiples]
-        for key in ("none/auto", "yarn/full"):
-            other = ev["nll"].get(key, {}).get(top)
-            cells.append("--" if other is None or top not in full else f"{other - full[top]:+.3f}")
-        acc = ev["passkey"].get("none/full", {}).get(top)
-        cells.append("--" if acc is None else f"{acc:.2f}")
-        lines.append(f"{tex_escape(label(a, steps))} & " + " & ".join(cells) + r" \\")
+    for _, name, cells in rows:
+        lines.append(f"{tex_escape(name)} & " + " & ".join(long_context_cells(cells, len(multiples), 3, "--")) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}}"]
-    if aggs:
-        chance = aggs[0]["eval"]["passkey_chance"]
+    if rows:
+        chance = rows[0][0]["eval"]["passkey_chance"]
         lines.append(rf"\\[2pt]{{\footnotesize Passkey: {round(1 / chance)} candidates, chance {chance:.2f}.}}")
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"

@@ -33,6 +33,12 @@ class AutoRequest:
         if self.max_candidates < 1:
             raise UserError("--tuner-max-candidates must be >= 1")
 
+    @classmethod
+    def from_options(cls, v: dict, max_seq: int) -> AutoRequest:
+        """From the command's options (production.config.fields names, with defaults filled in)."""
+        limits = GuardLimits(v["guard_max_logit"], v["guard_nll"], v["guard_ppl"])
+        return cls(limits, v["max_cache_bytes"], v["tuner_max_candidates"], max_seq, v["cache_dir"])
+
 
 def _validation_window(stream: TokenStream, n: int) -> torch.Tensor | None:
     """The first n tokens of the stream's validation split (its last 10%), or None if the split is shorter."""
