@@ -33,7 +33,9 @@ def test_fp16_cache_greedy_equals_recompute_on_cuda(exp):
     cfg = SamplingConfig(max_new_tokens=16, greedy=True)
     streams = list(cache_widths(model.cfg))
     ref = generate(model, prompt, cfg, None, max_seq=64)
-    assert torch.equal(generate(model, prompt, cfg, parse_policy("fp16", streams), max_seq=64)["ids"], ref["ids"])
+    assert torch.equal(
+        generate(model, prompt, cfg, parse_policy("fp16", streams, model.cfg.n_layer), max_seq=64)["ids"], ref["ids"]
+    )
 
 
 def test_bf16_training_step_runs_and_learns():

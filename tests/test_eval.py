@@ -41,7 +41,7 @@ def test_cached_scoring_equals_the_full_forward_pass_token_by_token(run_dir):
     with torch.no_grad():
         want = torch.log_softmax(model(ids[:, :-1])[0], -1).gather(-1, ids[:, 1:, None])[..., 0]
     assert full.shape == (2, 70) and torch.allclose(full, want, atol=1e-5)
-    fp32 = parse_policy("fp32", list(cache_widths(model.cfg)))
+    fp32 = parse_policy("fp32", list(cache_widths(model.cfg)), model.cfg.n_layer)
     for prefill, chunk in [(1, 1), (8, 8), (5, 16), (70, 3)]:
         cached, cached_hits = score_tokens(model, ids, fp32, prefill, chunk)
         assert torch.allclose(cached, full, atol=1e-5), (prefill, chunk)
@@ -49,7 +49,7 @@ def test_cached_scoring_equals_the_full_forward_pass_token_by_token(run_dir):
     tail, _ = score_tokens(model, ids, fp32, 9, 4, first=60)
     assert torch.allclose(tail, full[:, 60:], atol=1e-5)
     assert torch.allclose(last_logits(model, ids, fp32, 8), model(ids)[0][:, -1], atol=1e-4)
-    q4, _ = score_tokens(model, ids, parse_policy(Q4, list(cache_widths(model.cfg))), 8, 8)
+    q4, _ = score_tokens(model, ids, parse_policy(Q4, list(cache_widths(model.cfg)), model.cfg.n_layer), 8, 8)
     assert not torch.allclose(q4, full, atol=1e-6) and torch.allclose(q4, full, atol=0.5)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from production.cache.attend import attend_cache
 from production.cache.kvcache import KVCache, LayerCache, estimate_bytes
-from production.cache.policy import parse_policy
+from production.cache.policy import parse_layer_policy, parse_policy
 from production.cache.quant import dequantize_blocks, quantize_blocks
 from production.config.build import resolve_model
 from production.config.presets import EXPERIMENTS
@@ -20,11 +20,18 @@ PAPER = "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
 
 
 def test_policy_parsing_is_strict_and_round_trips():
-    p = parse_policy(PAPER, DEC)
-    assert (p.streams["k_sem"].kind, p.streams["k_geo"].kind, p.streams["v"].qb, p.resid) == ("q4_0", "q8_0", 32, 128)
-    assert str(p) == PAPER and str(parse_policy(str(p), DEC)) == PAPER
-    assert {s.kind for s in parse_policy("fp16", ["k", "v"]).streams.values()} == {"fp16"}
-    assert str(parse_policy("k=nf4@64,v=bf16", ["k", "v"])) == "k=nf4@64,v=bf16,resid=0"
+    p = parse_policy(PAPER, DEC, 3)
+    assert len(p.layers) == 3 and p.layers[0] == p.layers[2]
+    p0 = p.layers[0]
+    assert (p0.streams["k_sem"].kind, p0.streams["k_geo"].kind, p0.streams["v"].qb, p0.resid) == (
+        "q4_0",
+        "q8_0",
+        32,
+        128,
+    )
+    assert str(p) == PAPER and str(parse_policy(str(p), DEC, 3)) == PAPER
+    assert {s.kind for s in parse_policy("fp16", ["k", "v"], 2).layers[1].streams.values()} == {"fp16"}
+    assert str(parse_policy("k=nf4@64,v=bf16", ["k", "v"], 1)) == "k=nf4@64,v=bf16,resid=0"
     bad = {
         "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128,x=1": "unknown KV policy key 'x'",
         "k=q8_0,v=q8_0": "unknown KV policy key 'k'",
@@ -32,38 +39,38 @@ def test_policy_parsing_is_strict_and_round_trips():
         "ksem=q4_0,kgeo=q8_0": "gives no kind for v",
         "ksem=q4_0,ksem=q8_0,kgeo=q8_0,v=q4_0": "sets ksem twice",
         "ksem=q4_0,kgeo=q8_0,v=q4_0,resid=-1": "non-negative integer",
-        "ksem=q4_0@33,kgeo=q8_0,v=q4_0": "even number",
+        "ksem=q4_0@33,kgeo=q8_0,v=q4_0": "multiple of 2",
         "ksem=fp16@32,kgeo=q8_0,v=q4_0": "takes no block size",
         "ksem q4_0": "expected key=value",
         "": "expected key=value",
     }
     for text, match in bad.items():
         with pytest.raises(UserError, match=match):
-            parse_policy(text, DEC)
+            parse_policy(text, DEC, 2)
 
 
 @pytest.mark.parametrize("width", [48, 96, 144, 40, 7, 64])
 @pytest.mark.parametrize("spec", ["q8_0@32", "q4_0@32", "nf4@32", "q4_0@64", "q8_0@16", "fp16", "fp32"])
 @pytest.mark.parametrize("resid", [0, 5, 128])
 def test_nbytes_equals_closed_form(width, spec, resid):
-    policy = parse_policy(f"k={spec},v={spec},resid={resid}", ["k", "v"])
+    policy = parse_policy(f"k={spec},v={spec},resid={resid}", ["k", "v"], 2)
     widths = {"k": width, "v": width + 16}
     for max_seq in (1, 100, 1000):
-        cache = KVCache(policy, widths, n_layer=2, batch=3, max_seq=max_seq)
-        assert cache.nbytes() == estimate_bytes(policy, widths, 2, 3, max_seq)
+        cache = KVCache(policy, widths, heads=1, batch=3, max_seq=max_seq)
+        assert cache.nbytes() == estimate_bytes(policy, widths, 1, 3, max_seq)
 
 
 def test_no_padding_bytes_are_values_times_bytes_per_value():
     """small's decoupled streams at the paper policy: 48*0.5625 + 96*1.0625 + 144*0.5625 = 210 B/token/layer."""
-    policy = parse_policy("ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=0", DEC)
+    policy = parse_policy("ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=0", DEC, 1)
     widths = {"k_sem": 48, "k_geo": 96, "v": 144}
     n = 4096  # a multiple of every group size (2, 1, 2 tokens)
     window = 2 * (48 + 144) * 1  # groups of 2 tokens: one token may wait in the window (fp16)
     assert estimate_bytes(policy, widths, 1, 1, n) == 210 * n + window
-    fp16 = parse_policy("fp16", DEC)
+    fp16 = parse_policy("fp16", DEC, 12)
     assert (
         estimate_bytes(fp16, widths, 12, 1, 131072) * 1536
-        == estimate_bytes(parse_policy("fp16", ["k", "v"]), {"k": 768, "v": 768}, 12, 1, 131072) * 288
+        == estimate_bytes(parse_policy("fp16", ["k", "v"], 12), {"k": 768, "v": 768}, 12, 1, 131072) * 288
     )
 
 
@@ -74,8 +81,9 @@ def test_stream_reads_llama_blocks_of_the_flat_sequence_and_an_exact_window(widt
     n, B = 37, 2
     x = torch.randn(B, n, width) * 3
     layer = LayerCache(
-        parse_policy(f"k={kind}@{qb},v=fp16,resid={resid}", ["k", "v"]),
+        parse_layer_policy(f"k={kind}@{qb},v=fp16,resid={resid}", ["k", "v"]),
         {"k": width, "v": width},
+        1,
         B,
         64,
         None,
@@ -121,8 +129,9 @@ def test_chunked_online_softmax_equals_full_softmax(Hkv, Tq, null, impl):
     torch.manual_seed(0)
     B, H, d, n = 2, 4, 8, 45
     layer = LayerCache(
-        parse_policy("k=q8_0@32,v=q4_0@32,resid=6", ["k", "v"]),
+        parse_layer_policy("k=q8_0@32,v=q4_0@32,resid=6", ["k", "v"]),
         {"k": Hkv * d, "v": Hkv * d},
+        Hkv,
         B,
         64,
         None,
@@ -157,7 +166,7 @@ def test_greedy_with_fp16_cache_equals_full_recompute(exp):
     cfg = SamplingConfig(max_new_tokens=24, greedy=True)
     streams = list(cache_widths(model.cfg))
     recompute = generate(model, prompt, cfg, None, max_seq=64)
-    cached = generate(model, prompt, cfg, parse_policy("fp16", streams), max_seq=64)
+    cached = generate(model, prompt, cfg, parse_policy("fp16", streams, model.cfg.n_layer), max_seq=64)
     assert torch.equal(cached["ids"], recompute["ids"])
 
 
@@ -185,17 +194,17 @@ def test_quantized_cache_logit_error_is_measured_and_bounded(exp, policy, bound)
     model = GPT(model).eval()
     tokens = torch.randint(0, 50257, (1, 48), generator=torch.Generator().manual_seed(2))
     streams = list(cache_widths(model.cfg))
-    ref = teacher_forced_logits(model, tokens, parse_policy("fp16", streams), 16)
+    ref = teacher_forced_logits(model, tokens, parse_policy("fp16", streams, model.cfg.n_layer), 16)
     full = model(tokens)[0][:, 16:]
     assert (ref - full).abs().max() < 1e-3  # the fp16 cache itself is close to exact
-    got = teacher_forced_logits(model, tokens, parse_policy(policy, streams), 16)
+    got = teacher_forced_logits(model, tokens, parse_policy(policy, streams, model.cfg.n_layer), 16)
     err = (got - ref).abs().max().item()
     assert 0 < err < bound, err  # quantization is visible, and small
 
 
 def test_cache_overflow_is_an_error():
     model = peaked_model("paper_decoupled")
-    cache = model.new_cache(parse_policy("fp16", DEC), 1, 8)
+    cache = model.new_cache(parse_policy("fp16", DEC, model.cfg.n_layer), 1, 8)
     model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="KV cache full"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
@@ -205,7 +214,7 @@ def test_prefill_then_chunked_continuation_equals_full_forward():
     """Feeding the sequence in pieces through an fp32 cache reproduces the uncached forward."""
     model = peaked_model("paper_decoupled_null")
     tokens = torch.randint(0, 50257, (2, 30), generator=torch.Generator().manual_seed(3))
-    cache = model.new_cache(parse_policy("fp32", DEC), 2, 30, chunk_tokens=4)
+    cache = model.new_cache(parse_policy("fp32", DEC, model.cfg.n_layer), 2, 30, chunk_tokens=4)
     pieces = [model(tokens[:, a:b], cache=cache)[0] for a, b in [(0, 11), (11, 12), (12, 25), (25, 30)]]
     torch.testing.assert_close(torch.cat(pieces, dim=1), model(tokens)[0], atol=1e-4, rtol=1e-4)
     assert math.isclose(cache.nbytes(), 2 * 30 * 2 * (16 + 32 + 48) * 4)

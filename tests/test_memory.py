@@ -18,19 +18,23 @@ def run_mem(*args):
     return call(bench_memory, *args)
 
 
-@pytest.mark.parametrize("kind", ["fp16", "bf16", "fp32", "q8_0@32", "q4_0@32", "nf4@32", "q4_0@64", "q8_0@16"])
+@pytest.mark.parametrize(
+    "kind",
+    ["fp16", "bf16", "fp32", "q8_0@32", "q4_0@32", "nf4@32", "q4_0@64", "q8_0@16"]
+    + ["q4_1@32", "q3_1@64", "q2_1@32", "q4_0@32+rot", "q2_1@32+ch", "q3_1@16+rot5+ch"],
+)
 @pytest.mark.parametrize("resid", [0, 3, 128])
 def test_estimate_equals_measured_storage_on_cpu(kind, resid):
     # odd widths: k_sem 7, k_geo 10, v 17 (one head); blocks span tokens, nothing padded
     cfg = resolve_model("nano", "paper_decoupled", {"n_head": 1, "sem_dim": 7, "geo_dim": 10, "n_layer": 2})
-    policy = parse_policy(f"ksem={kind},kgeo={kind},v={kind},resid={resid}", ["k_sem", "k_geo", "v"])
+    policy = parse_policy(f"ksem={kind},kgeo={kind},v={kind},resid={resid}", ["k_sem", "k_geo", "v"], cfg.n_layer)
     for context in (2, 333, 4096):
-        record, cache = measure_cache(cache_widths(cfg), cfg.n_layer, policy, 2, context, "cpu")
+        record, cache = measure_cache(cache_widths(cfg), cfg.kv_heads, policy, 2, context, "cpu")
         assert record["measured_bytes"] == record["estimate_bytes"] == cache.nbytes()
         assert sum(s["measured_bytes"] for s in record["per_stream"].values()) == record["measured_bytes"]
         assert all(s["measured_bytes"] == s["estimate_bytes"] for s in record["per_stream"].values())
         # the benchmark measures CPU caches on the meta device (no pages touched): the same record
-        on_meta, _ = measure_cache(cache_widths(cfg), cfg.n_layer, policy, 2, context, "meta")
+        on_meta, _ = measure_cache(cache_widths(cfg), cfg.kv_heads, policy, 2, context, "meta")
         assert on_meta == record
 
 

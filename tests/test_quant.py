@@ -1,5 +1,7 @@
 """Block formats against an independent scalar transcription of llama.cpp's reference quantizers
-(`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref` in ggml-quants.c), written here with numpy float32 scalars."""
+(`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`, `quantize_row_q4_1_ref` in ggml-quants.c), written here with
+numpy float32 scalars; q3_1 and q2_1 (this project's formats) against the same recipe and their documented
+byte layout."""
 
 import math
 import struct
@@ -52,7 +54,53 @@ def ref_q4_0_block(x: np.ndarray) -> bytes:
         return np.float16(d).tobytes() + bytes(out)
 
 
-REFERENCE = {"q8_0": ref_q8_0_block, "q4_0": ref_q4_0_block}
+def ref_affine_codes(x: np.ndarray, bits: int) -> tuple[bytes, list[int]]:
+    """quantize_row_q4_1_ref's recipe with 2^bits levels: (fp16 d and m bytes, codes)."""
+    lo, hi = f32(np.finfo(np.float32).max), f32(-np.finfo(np.float32).max)
+    for v in x:
+        if v < lo:
+            lo = f32(v)
+        if v > hi:
+            hi = f32(v)
+    top = 2**bits - 1
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        d = f32(f32(hi - lo) / f32(top))
+        inv = f32(f32(1.0) / d) if d != 0 else f32(0.0)
+        codes = []
+        for v in x:
+            x0 = f32(f32(v - lo) * inv)
+            codes.append(min(top, struct.unpack("b", bytes([c_float_to_int(f32(x0 + f32(0.5))) & 0xFF]))[0]))
+        return np.float16(d).tobytes() + np.float16(lo).tobytes(), codes
+
+
+def ref_q4_1_block(x: np.ndarray) -> bytes:
+    scales, q = ref_affine_codes(x, 4)
+    return scales + bytes((q[j] & 0xFF) | ((q[16 + j] << 4) & 0xFF) for j in range(16))
+
+
+def ref_q3_1_block(x: np.ndarray) -> bytes:
+    """Codes 8j .. 8j+7 in the little-endian 24-bit word of bytes 3j .. 3j+2, code 8j + i at bit 3i."""
+    scales, q = ref_affine_codes(x, 3)
+    out = bytearray()
+    for j in range(4):
+        word = sum(q[8 * j + i] << (3 * i) for i in range(8))
+        out += word.to_bytes(3, "little")
+    return scales + bytes(out)
+
+
+def ref_q2_1_block(x: np.ndarray) -> bytes:
+    """Code 4j + i in bits 2i .. 2i+1 of byte j."""
+    scales, q = ref_affine_codes(x, 2)
+    return scales + bytes(sum(q[4 * j + i] << (2 * i) for i in range(4)) for j in range(8))
+
+
+REFERENCE = {
+    "q8_0": ref_q8_0_block,
+    "q4_0": ref_q4_0_block,
+    "q4_1": ref_q4_1_block,
+    "q3_1": ref_q3_1_block,
+    "q2_1": ref_q2_1_block,
+}
 
 
 def adversarial_blocks() -> np.ndarray:
@@ -75,6 +123,10 @@ def adversarial_blocks() -> np.ndarray:
         np.arange(32) - 15.5,
         np.linspace(-8, 8, 32),
         np.r_[65504.0 * 127, rng.uniform(-1, 1, 31)],
+        np.r_[0.0, -0.0, np.ones(30)],  # min is a zero: the first one found, with its sign
+        np.r_[-0.0, 0.0, -np.ones(30)],
+        np.r_[0.0, np.arange(31) / 2],  # q4_1: d = 1, (x - m) + 0.5 lands on integers and halves
+        np.r_[-3.0, 0.0, np.full(30, 3.0)],  # q2_1 / q3_1: exact midpoints between levels
     ]
     return np.stack(blocks).astype(np.float32)
 
@@ -88,7 +140,7 @@ def random_blocks(n=300) -> np.ndarray:
     return x.astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q3_1", "q2_1"])
 @pytest.mark.parametrize("source", ["adversarial", "random"])
 def test_bytes_equal_llama_cpp_reference(kind, source):
     x = adversarial_blocks() if source == "adversarial" else random_blocks()
@@ -99,7 +151,13 @@ def test_bytes_equal_llama_cpp_reference(kind, source):
 
 
 def test_block_sizes_match_llama_cpp_structs():
-    assert (block_bytes("q8_0"), block_bytes("q4_0"), block_bytes("nf4")) == (34, 18, 18)
+    assert (block_bytes("q8_0"), block_bytes("q4_0"), block_bytes("nf4"), block_bytes("q4_1")) == (34, 18, 18, 20)
+    assert (block_bytes("q3_1"), block_bytes("q2_1"), block_bytes("q2_1", 128), block_bytes("q3_1", 64)) == (
+        16,
+        12,
+        36,
+        28,
+    )  # 4 bytes of fp16 d and m, then 3 or 2 bits per value
 
 
 def test_q4_0_nibble_order_and_round_trip_of_representable_values():
@@ -111,7 +169,18 @@ def test_q4_0_nibble_order_and_round_trip_of_representable_values():
     torch.testing.assert_close(dequantize_blocks(b[None], "q4_0"), x, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kind,rel_bound", [("q8_0", 0.5 / 127), ("q4_0", 1 / 8), ("nf4", 0.17)])
+def test_affine_formats_reach_every_level_and_round_trip_them_exactly():
+    for kind, bits in (("q4_1", 4), ("q3_1", 3), ("q2_1", 2)):
+        levels = 2**bits
+        q = np.arange(32) % levels
+        x = torch.tensor(-1.5 + 0.25 * q, dtype=torch.float32)  # m = -1.5, d = 0.25: every level used
+        torch.testing.assert_close(dequantize_blocks(quantize_blocks(x, kind), kind), x, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kind,rel_bound",
+    [("q8_0", 0.5 / 127), ("q4_0", 1 / 8), ("nf4", 0.17), ("q4_1", 1 / 15), ("q3_1", 1 / 7), ("q2_1", 1 / 3)],
+)
 def test_round_trip_error_within_format_bound(kind, rel_bound):
     torch.manual_seed(0)
     x = torch.randn(64, 256) * torch.logspace(-3, 3, 64)[:, None]
@@ -119,7 +188,8 @@ def test_round_trip_error_within_format_bound(kind, rel_bound):
     absmax = x.view(64, -1, 32).abs().amax(-1, keepdim=True)
     err = ((y - x).view(64, -1, 32).abs() / absmax).max().item()
     # q8_0: half a step of amax/127 (plus fp16 scale rounding); q4_0: half a step of amax/8, except a full step
-    # at the far end opposite the max element (levels reach only +7d); nf4: half the widest codebook gap
+    # at the far end opposite the max element (levels reach only +7d); nf4: half the widest codebook gap;
+    # affine kinds: half a step of (max - min) / (2^bits - 1), at most a step of 2 amax / (2^bits - 1)
     assert err <= rel_bound + 2e-3, err
 
 
@@ -134,10 +204,12 @@ def test_nf4_codebook_and_exact_levels():
 def test_other_block_sizes_round_trip(qb):
     torch.manual_seed(0)
     x = torch.randn(3, 10, qb)
-    for kind in ("q8_0", "q4_0", "nf4"):
+    for kind in ("q8_0", "q4_0", "nf4", "q4_1", "q3_1", "q2_1"):
         scale, codes = encode(x, kind)
-        assert scale.shape == (3, 10) and codes.shape[-1] == (qb if kind == "q8_0" else qb // 2)
-        assert (decode(scale, codes, kind) - x).abs().max() < x.abs().max() * 0.2
+        assert scale.shape == ((3, 10) if kind in ("q8_0", "q4_0", "nf4") else (3, 10, 2))
+        assert codes.shape[-1] == block_bytes(kind, qb) - 2 * (scale.dim() - 1)
+        bound = {"q3_1": 0.3, "q2_1": 0.7}.get(kind, 0.2)
+        assert (decode(scale, codes, kind) - x).abs().max() < x.abs().max() * bound
 
 
 def test_bad_shapes_are_errors():

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import REPO, TINY, call, checkout_runs, run_main
-from production.cache.kvcache import fill_random
+from production.cache.kvcache import estimate_bytes, fill_random
 from production.cache.policy import parse_policy
 from production.config.build import resolve_model
 from production.config.sampling import GuardLimits
@@ -15,8 +15,12 @@ from production.model.attention import cache_widths
 from production.model.gpt import GPT
 from production.tune.__main__ import main as tune_main
 from production.tune.decode import plan_decode
-from production.tune.policy import candidate_policies, guard_metrics, search_policy
+from production.tune.guard import guard_metrics
+from production.tune.policy import bisect_path, search_policy
+from production.tune.sensitivity import lower_hull, menu, quality_path
 from production.tune.store import DecisionStore
+
+DEC = ["k_sem", "k_geo", "v"]
 
 
 def test_guard_metrics_match_hand_computation():
@@ -32,17 +36,62 @@ def test_guard_metrics_match_hand_computation():
     assert math.isclose(m["ppl_ratio"], math.exp((d0 + d1) / 2), rel_tol=1e-6)
 
 
-def test_candidates_are_sorted_by_bytes_and_start_below_fp16():
-    widths = {"k_sem": 48, "k_geo": 96, "v": 144}
-    cands = candidate_policies(widths, 12, 4096)
-    sizes = [b for b, _ in cands]
-    assert sizes == sorted(sizes) and str(cands[-1][1]) == "fp16"
-    assert len({str(p) for _, p in cands}) == len(cands)
-    assert any(str(p) == "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128" for _, p in cands)
+def test_lower_hull_keeps_the_convex_frontier_from_cheapest_to_least_damage():
+    pts = [(10, 9.0, "a"), (20, 3.0, "b"), (30, 2.5, "c"), (40, 0.5, "d"), (50, 0.6, "e"), (60, 0.0, "f")]
+    pts += [(20, 4.0, "b'")]  # same bytes, more damage: dropped
+    hull = lower_hull(pts)
+    assert [p[2] for p in hull] == ["a", "b", "d", "f"]  # c lies above the segment b-d; e above d-f
+
+
+def synthetic_sensitivity(model) -> dict:
+    """Probes with a known order: layer 0's streams are sensitive, layer 1's are not."""
+    probes = []
+    for layer in range(model.cfg.n_layer):
+        for stream in cache_widths(model.cfg):
+            for spec in menu(stream):
+                if spec.kind == "fp16":
+                    continue
+                bits = {"q2_1": 2, "q3_1": 3, "q4_0": 4, "nf4": 4, "q4_1": 4, "q8_0": 8}[spec.kind]
+                err = 2.0**-bits * (8.0 if layer == 0 else 0.5) * (0.7 if spec.rot is not None else 1.0)
+                probes.append({"layer": layer, "stream": stream, "spec": str(spec), "kl": err, "max_abs_logit": err})
+    return {"probes": probes}
+
+
+def test_quality_path_grows_in_bytes_falls_in_damage_and_ends_at_fp16():
+    model = GPT(resolve_model("nano", "paper_decoupled", {"n_layer": 2}))
+    path = quality_path(synthetic_sensitivity(model), model, 4096, 0, GuardLimits())
+    sizes, damages = [p[0] for p in path], [p[1] for p in path]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert all(a >= b - 1e-12 for a, b in zip(damages, damages[1:], strict=False))
+    assert str(path[-1][2]) == "fp16" and damages[-1] == 0
+    first = path[0][2]
+    assert all(s.kind == "q2_1" and s.qb == 128 for layer in first.layers for s in layer.streams.values())
+    assert str(path[1][2]).startswith("L0:")  # the sensitive layer is upgraded first
+    assert all(p[0] == estimate_bytes(p[2], cache_widths(model.cfg), 4, 1, 4096) for p in path)
+
+
+def test_bisection_finds_the_first_passing_point_within_budget_and_cap():
+    """40 distinct policies (told apart by their window) of growing bytes; a judge passing from index t on."""
+    path = [(100 * i, 1 / (i + 1), parse_policy(f"k=q4_0,v=q4_0,resid={i}", ["k", "v"], 1)) for i in range(40)]
+
+    def judge(threshold):
+        return lambda policy: {"policy": str(policy), "passed": policy.layers[0].resid >= threshold}
+
+    index, tried = bisect_path(path, judge(17), 24, None)
+    assert index == 17 and len(tried) <= 2 + math.ceil(math.log2(40))
+    assert [t["path_index"] for t in tried[:2]] == [0, 39]  # the cheapest, then the last within the cap
+    assert bisect_path(path, judge(0), 24, None) == (0, bisect_path(path, judge(0), 24, None)[1])
+    assert len(bisect_path(path, judge(0), 24, None)[1]) == 1  # the cheapest passes: one judgment
+    assert bisect_path(path, judge(30), 24, 2500)[0] is None  # nothing within 2500 bytes passes
+    assert bisect_path(path, judge(17), 3, None)[0] == 19  # judged 0, 39, 19: out of judgments, the best found
+    assert bisect_path(path, judge(17), 0, None) == (None, [])
+    exact_end = [*path[:-1], (4000, 0.0, parse_policy("fp16", ["k", "v"], 1))]
+    index, tried = bisect_path(exact_end, judge(99), 24, None)
+    assert index is None and all(t["policy"] != "fp16" for t in tried)  # the exact end is never judged
 
 
 def sharp_keys_model() -> GPT:
-    """A nano model whose key projections are scaled up: 4-bit key rounding then moves logits a lot."""
+    """A nano model whose key projections are scaled up: low-bit key rounding then moves logits a lot."""
     torch.manual_seed(0)
     model = GPT(resolve_model("nano", "paper_decoupled", {"n_layer": 2, "block_size": 128})).eval()
     with torch.no_grad():
@@ -58,15 +107,18 @@ def test_search_rejects_a_failing_policy_and_chooses_a_passing_one():
 
     model = sharp_keys_model()
     tokens = torch.randint(0, 50257, (1, 120), generator=torch.Generator().manual_seed(0))
-    result = search_policy(model, tokens, 80, 128, GuardLimits(), None, 60, contextlib.nullcontext)
-    tried = {t["policy"]: t for t in result["tried"]}
-    all_q4 = "ksem=q4_0@32,kgeo=q4_0@32,v=q4_0@32,resid=0"
-    assert all_q4 in tried and not tried[all_q4]["passed"]  # judged, and rejected
-    assert tried[all_q4]["guard"]["max_abs_logit"] > 0.5
+    result = search_policy(model, tokens, 80, 128, GuardLimits(), None, 24, contextlib.nullcontext)
+    probes = result["sensitivity"]["probes"]
+    assert len(probes) == 2 * sum(len(menu(s)) - 1 for s in DEC)  # every unit under every searched spec
+    assert {"delta_nll", "kl", "max_abs_logit"} <= set(probes[0])
+    cheapest = result["tried"][0]  # the cheapest point of the first path is judged first, and rejected
+    assert cheapest["path_index"] == 0 and not cheapest["passed"] and cheapest["guard"]["max_abs_logit"] > 0.5
     assert result["guard"]["max_abs_logit"] <= 0.5 and result["guard"]["delta_nll"] <= 0.02
-    assert result["policy"] != all_q4 and result["bytes"] < result["fp16_bytes"]
-    assert all(not t["passed"] for t in result["tried"][:-1]) and result["tried"][-1]["passed"]
-    assert result["candidates_tried"] == len(result["tried"])
+    assert result["bytes"] < result["fp16_bytes"] and result["candidates_tried"] == len(result["tried"]) <= 24
+    winner = next(t for t in result["tried"] if t["policy"] == result["policy"])
+    assert winner["passed"] and winner["bytes"] == min(t["bytes"] for t in result["tried"] if t["passed"])
+    policy = parse_policy(result["policy"], DEC, 2)  # a valid policy string, per layer where layers differ
+    assert estimate_bytes(policy, cache_widths(model.cfg), 4, 1, 128) == result["bytes"]
 
 
 def test_concurrent_writers_keep_every_entry(tmp_path):
@@ -95,7 +147,7 @@ def test_corrupt_store_is_set_aside_not_reused(tmp_path, capsys):
 def test_decode_plan_is_measured_then_remembered(tmp_path):
     model = GPT(resolve_model("nano", "paper_decoupled", {"n_layer": 1})).eval()
     cache = model.new_cache(
-        parse_policy("ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=16", list(cache_widths(model.cfg))), 1, 3000
+        parse_policy("ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=16", list(cache_widths(model.cfg)), 1), 1, 3000
     )
     fill_random(cache, 2500, torch.Generator().manual_seed(0))
     store = DecisionStore(tmp_path / "t.json")

@@ -8,13 +8,15 @@ The cache is filled with `context` tokens of random K/V (decode cost does not de
 each, through the whole model, with the device synced around each. Reports the median ms per token, the
 cache's allocated bytes, and the effective GB/s of cache read (bytes holding the context / step time). All in
 one process, so ratios between rows are fair.
-Policies are separated by ';' (or by ',' where unambiguous: a new policy starts when a key repeats); a policy
+Policies are separated by ';' (or by ',' where unambiguous: a new policy starts when a key repeats; a per-layer
+policy, with its '|' between layer ranges, always ends at a ';'); a policy
 whose streams do not match a model (ksem for a standard model) is skipped for that model.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 import time
@@ -41,6 +43,9 @@ def split_policies(text: str) -> list[str]:
     """'fp16,ksem=q4_0,kgeo=q8_0,v=q4_0,resid=128,k=q8_0,v=q8_0' -> ['fp16', 'ksem=...,resid=128', 'k=q8_0,v=q8_0']."""
     policies = []
     for chunk in text.split(";"):
+        if "|" in chunk or re.match(r"\s*L\d", chunk):  # a per-layer policy: whole, up to the next ';'
+            policies.append(chunk.strip())
+            continue
         group: list[str] = []
         for item in (i.strip() for i in chunk.split(",")):
             if not item:
@@ -88,7 +93,7 @@ def time_rows(rows: list[dict], args, runtime) -> None:
     for row in rows:
         cache = row.pop("cache")
         ms = 1000 * statistics.median(row.pop("times"))
-        context_bytes = estimate_bytes(row["policy"], cache.widths, row["model"].cfg.n_layer, 1, row["context"])
+        context_bytes = estimate_bytes(row["policy"], cache.widths, cache.heads, 1, row["context"])
         row.update(
             ms_per_token=ms,
             cache_bytes=cache.nbytes(),
@@ -156,7 +161,7 @@ def build_rows(models: list[tuple[str, GPT]], contexts: list[int], policies_text
         policies = []
         for text in texts:
             try:
-                policies.append(parse_policy(text, streams))
+                policies.append(parse_policy(text, streams, model.cfg.n_layer))
             except UserError:
                 if len(models) == 1:
                     raise

@@ -58,13 +58,13 @@ def config_from_ckpt(path: Path) -> tuple[ModelConfig, dict]:
 def measure(cfg: ModelConfig, ckpt: dict | None, policy_text: str, setting: Setting) -> dict:
     """One configuration: allocation measurement, and optionally a timed decode step at full context (with the
     checkpoint's weights when there is one)."""
-    policy = parse_policy(policy_text, list(cache_widths(cfg)))
+    policy = parse_policy(policy_text, list(cache_widths(cfg)), cfg.n_layer)
     device = setting.runtime.device
     # On CPU the measurement is the storage bytes of every buffer, which a cache on the meta device has too,
     # without allocating them: a 128k-token standard cache at `small` would otherwise fill 4.5 GiB of RAM.
     where = "meta" if torch.device(device).type == "cpu" and not setting.decode_step else device
     record, cache = measure_cache(
-        cache_widths(cfg), cfg.n_layer, policy, setting.batch_size, setting.context_len, where
+        cache_widths(cfg), cfg.kv_heads, policy, setting.batch_size, setting.context_len, where
     )
     if setting.decode_step:
         torch.manual_seed(0)
@@ -120,7 +120,7 @@ def mem128k_report(
             "--decompose, or pass it as --baseline-ckpt of a decoupled run)"
         )
     policy = policy or (PAPER_POLICY if cfg.attn_mode == "decoupled" else "fp16")
-    parse_policy(policy, list(cache_widths(cfg)))  # fail on a bad policy before allocating anything
+    parse_policy(policy, list(cache_widths(cfg)), cfg.n_layer)  # fail on a bad policy before allocating anything
     if baseline is not None and baseline[0].attn_mode != "standard":
         raise UserError(f"--baseline-ckpt must be a standard-attention run, got {baseline[0].attn_mode}")
     candidate = measure(cfg, ckpt, policy, setting)

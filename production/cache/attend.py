@@ -2,7 +2,9 @@
 
 The cache is never dequantized whole: each chunk of tokens is read (dequantized) into a float32 buffer,
 scored, and folded into running max / sum / weighted-value accumulators. K/V heads are shared by groups of
-query heads through broadcasting or block structure, never repeated in memory.
+query heads through broadcasting or block structure, never repeated in memory. Rotated streams (`+rot`) are
+read as stored: the queries of a rotated key stream are rotated alike, and the output over rotated values is
+rotated back.
 
 Two ways to do a chunk's products, each faster in its own regime (measured on CPU at 16k context):
 - "bmm": per-head batched matmuls on strided views; best for wide heads (64+).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from production.cache.kvcache import LayerCache
+from production.cache.rotation import rotate_heads
 
 IMPLS = ("auto", "bmm", "blockdiag")
 
@@ -74,15 +77,21 @@ def attend_cache(
     impls = {name: _pick(cache.impl, q.shape[-1]) for name, q in qs.items()}
     v_impl = _pick(cache.impl, dv)
     query_pos = torch.arange(n - Tq, n, device=first.device).repeat(g)  # (g * Tq,)
+    Rv = cache.rotations.get(v_name)  # values are stored rotated: accumulate in the rotated basis
 
     if null_k is not None:
         m = sum((qs[name] * null_k[name].float()[None, :, None, :]).sum(-1, keepdim=True) for name in qs)
         l = torch.ones_like(m)
-        acc = null_v.float()[None, :, None, :].expand(B, Hkv, g * Tq, dv).clone()
+        nv = null_v.float()[None, :, None, :]
+        nv = nv if Rv is None else rotate_heads(nv, Rv)
+        acc = nv.expand(B, Hkv, g * Tq, dv).clone()
     else:
         m = torch.full((B, Hkv, g * Tq, 1), float("-inf"), device=first.device)
         l = torch.zeros_like(m)
         acc = torch.zeros(B, Hkv, g * Tq, dv, device=first.device)
+    for name, q in qs.items():  # keys stored rotated: rotate the queries alike, so q R . k R = q . k
+        if name in cache.rotations:
+            qs[name] = rotate_heads(q, cache.rotations[name])
 
     for t0, t1 in cache.chunks():
         scores = sum(
@@ -97,4 +106,6 @@ def attend_cache(
         l = l * alpha + p.sum(dim=-1, keepdim=True)
         acc = acc * alpha + _weighted_values(p, v_stream.read(t0, t1, torch.float32), v_impl)
         m = m_new
-    return (acc / l).reshape(B, H, Tq, dv).to(first.dtype)
+    out = acc / l
+    out = out if Rv is None else rotate_heads(out, Rv, inverse=True)
+    return out.reshape(B, H, Tq, dv).to(first.dtype)

@@ -5,7 +5,9 @@
 - `QuantStream` stores a token-major flat sequence quantized in blocks of qb values: a stream of width D is
   quantized in groups of G = lcm(D, qb) / D tokens, so blocks may span tokens and nothing is padded. The
   newest `resid` tokens (plus any incomplete group) stay exact in an fp16 window.
-- `KVCache` holds the layers; `nbytes()` equals `estimate_bytes()` exactly.
+- `ChannelQuantStream` (`+ch`) quantizes each channel over groups of G = qb tokens instead (KIVI).
+- `LayerCache` holds one layer's streams and the rotations of its `+rot` streams; `KVCache` holds the layers,
+  each with its own LayerPolicy; `nbytes()` equals `estimate_bytes()` exactly.
 
 Every stream has the same contract: `append(x)` with x (B, T, D), `read(t0, t1, dtype)` -> (B, t1 - t0, D),
 `nbytes()`. Values enter quantized streams rounded to fp16 first, so a token quantizes to the same bytes whether it
@@ -18,8 +20,10 @@ import math
 
 import torch
 
-from production.cache.policy import KVPolicy, StreamSpec
+from production.cache.formats import FORMATS
+from production.cache.policy import KVPolicy, LayerPolicy, StreamSpec
 from production.cache.quant import block_bytes, code_bytes, decode, encode
+from production.cache.rotation import rotate, stream_rotation
 
 # Tokens per attention chunk during decode. Big chunks mean few, large ops (8k-16k were fastest at 16k context
 # on a 2-core CPU); the tuner's decode plan may choose per device and context.
@@ -66,13 +70,37 @@ class QuantStream:
 
     def __init__(self, spec: StreamSpec, batch: int, max_seq: int, width: int, device, resid: int):
         self.spec, self.width, self.resid = spec, width, resid
-        self.group = group_tokens(width, spec.qb)
-        n_blocks = (max_seq // self.group) * self.group * width // spec.qb
-        self.scale = torch.zeros(batch, n_blocks, dtype=torch.float16, device=device)
+        self.group = self.group_tokens(width, spec.qb)
+        n_blocks = self.n_blocks(max_seq, width, spec.qb)
+        fmt = FORMATS[spec.kind]
+        scale_shape = (batch, n_blocks) if fmt.scales == 1 else (batch, n_blocks, fmt.scales)
+        self.scale = torch.zeros(scale_shape, dtype=torch.float16, device=device)
         code_dtype = torch.int8 if spec.kind == "q8_0" else torch.uint8
         self.codes = torch.zeros(batch, n_blocks, code_bytes(spec.kind, spec.qb), dtype=code_dtype, device=device)
         self.window = torch.zeros(batch, resid + self.group - 1, width, dtype=torch.float16, device=device)
         self.length = self.n_q = 0
+
+    @staticmethod
+    def group_tokens(width: int, qb: int) -> int:
+        return group_tokens(width, qb)
+
+    @classmethod
+    def n_blocks(cls, max_seq: int, width: int, qb: int) -> int:
+        """Blocks for the whole groups that fit in max_seq tokens."""
+        G = cls.group_tokens(width, qb)
+        return (max_seq // G) * G * width // qb
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole groups of tokens (B, n, D) -> their blocks (B, n * D / qb, qb)."""
+        return x.reshape(x.shape[0], -1, self.spec.qb)
+
+    def decode_tokens(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Quantized tokens [t0, t1) (t1 <= n_q) as (B, t1 - t0, D): the blocks covering values [t0*D, t1*D)."""
+        D, qb = self.width, self.spec.qb
+        b0, b1 = t0 * D // qb, -(-t1 * D // qb)
+        values = decode(self.scale[:, b0:b1], self.codes[:, b0:b1], self.spec.kind, dtype).flatten(1)
+        offset = t0 * D - b0 * qb
+        return values[:, offset : offset + (t1 - t0) * D].view(-1, t1 - t0, D)
 
     def append(self, x: torch.Tensor) -> None:
         B, T, D = x.shape
@@ -81,8 +109,8 @@ class QuantStream:
         new_n_q = max(0, new_length - self.resid) // self.group * self.group
         if new_n_q > self.n_q:  # some tokens leave the window: quantize them group by group
             pending = torch.cat([self.window[:, : self.length - self.n_q], x], dim=1)
-            leaving = pending[:, : new_n_q - self.n_q].float().reshape(B, -1, self.spec.qb)
-            b0 = self.n_q * D // self.spec.qb
+            leaving = self.to_blocks(pending[:, : new_n_q - self.n_q].float())
+            b0 = self.n_blocks(self.n_q, D, self.spec.qb)
             scale, codes = encode(leaving, self.spec.kind)
             self.scale[:, b0 : b0 + scale.shape[1]] = scale
             self.codes[:, b0 : b0 + codes.shape[1]] = codes
@@ -96,12 +124,7 @@ class QuantStream:
         """Tokens [t0, t1) as (B, t1 - t0, D): dequantized blocks for the quantized part, the window after."""
         parts = []
         if t0 < self.n_q:
-            q1 = min(t1, self.n_q)
-            D, qb = self.width, self.spec.qb
-            b0, b1 = t0 * D // qb, -(-q1 * D // qb)  # the blocks covering values [t0*D, q1*D)
-            values = decode(self.scale[:, b0:b1], self.codes[:, b0:b1], self.spec.kind, dtype).flatten(1)
-            offset = t0 * D - b0 * qb
-            parts.append(values[:, offset : offset + (q1 - t0) * D].view(-1, q1 - t0, D))
+            parts.append(self.decode_tokens(t0, min(t1, self.n_q), dtype))
         if t1 > self.n_q:
             w0 = max(t0, self.n_q) - self.n_q
             parts.append(self.window[:, w0 : t1 - self.n_q].to(dtype))
@@ -113,40 +136,80 @@ class QuantStream:
     def tensors(self) -> list[torch.Tensor]:
         return [self.scale, self.codes, self.window]
 
-    @staticmethod
-    def estimate(spec: StreamSpec, batch: int, max_seq: int, width: int, resid: int) -> int:
-        G = group_tokens(width, spec.qb)
-        n_blocks = (max_seq // G) * G * width // spec.qb
+    @classmethod
+    def estimate(cls, spec: StreamSpec, batch: int, max_seq: int, width: int, resid: int) -> int:
+        G = cls.group_tokens(width, spec.qb)
+        n_blocks = cls.n_blocks(max_seq, width, spec.qb)
         return batch * (n_blocks * block_bytes(spec.kind, spec.qb) + (resid + G - 1) * width * 2)
 
 
+class ChannelQuantStream(QuantStream):
+    """Per-channel blocks (KIVI, Liu et al. 2024): tokens are quantized in groups of G = qb, each channel of a
+    group forming one block of its G values over time; a group's D blocks are stored channel by channel. Keys
+    whose outliers sit in fixed channels keep their other channels' precision this way. The newest tokens that do
+    not fill a group stay exact in the window, with the `resid` newest."""
+
+    @staticmethod
+    def group_tokens(width: int, qb: int) -> int:
+        return qb
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        B, n, D = x.shape
+        return x.view(B, n // self.group, self.group, D).transpose(2, 3).reshape(B, -1, self.group)
+
+    def decode_tokens(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
+        D, G = self.width, self.group
+        g0, g1 = t0 // G, -(-t1 // G)
+        values = decode(self.scale[:, g0 * D : g1 * D], self.codes[:, g0 * D : g1 * D], self.spec.kind, dtype)
+        tokens = values.view(-1, g1 - g0, D, G).transpose(2, 3).reshape(-1, (g1 - g0) * G, D)
+        return tokens[:, t0 - g0 * G : t1 - g0 * G]
+
+
 def stream_class(spec: StreamSpec):
-    return PlainStream if spec.plain else QuantStream
+    if spec.plain:
+        return PlainStream
+    return ChannelQuantStream if spec.channel else QuantStream
 
 
 def build_stream(spec: StreamSpec, batch: int, max_seq: int, width: int, device, resid: int):
     if spec.plain:
         return PlainStream(spec, batch, max_seq, width, device)
-    return QuantStream(spec, batch, max_seq, width, device, resid)
+    return stream_class(spec)(spec, batch, max_seq, width, device, resid)
+
+
+def stream_bytes(spec: StreamSpec, width: int, heads: int, batch: int, max_seq: int, resid: int) -> int:
+    """Closed-form bytes of one stream of one layer: its buffers, plus the rotation matrices (heads, d, d) fp32
+    of a rotated stream (derived from the seed; they do not grow with the context)."""
+    rotation = 0 if spec.rot is None else heads * (width // heads) ** 2 * 4
+    return stream_class(spec).estimate(spec, batch, max_seq, width, resid) + rotation
 
 
 class LayerCache:
-    """The streams of one layer, filled in lockstep. Attention reads them `chunk_tokens` tokens at a time with
-    the matmul strategy `impl` (see production.cache.attend)."""
+    """The streams of one layer, filled in lockstep. A rotated stream (`+rot`) stores each head's values times
+    its rotation (`rotations[name]`, (heads, d, d)); attention rotates the queries of a rotated key stream and
+    rotates back the output over a rotated value stream (production.cache.attend). Attention reads the streams
+    `chunk_tokens` tokens at a time with the matmul strategy `impl`."""
 
     def __init__(
         self,
-        policy: KVPolicy,
+        policy: LayerPolicy,
         widths: dict[str, int],
+        heads: int,
         batch: int,
         max_seq: int,
         device=None,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         impl: str = "auto",
+        layer: int = 0,
     ):
         self.streams = {
             name: build_stream(policy.streams[name], batch, max_seq, width, device, policy.resid)
             for name, width in widths.items()
+        }
+        self.rotations = {
+            name: stream_rotation(heads, width // heads, spec.rot, layer, name).to(device)
+            for name, width in widths.items()
+            if (spec := policy.streams[name]).rot is not None
         }
         self.max_seq, self.chunk_tokens, self.impl = max_seq, chunk_tokens, impl
 
@@ -163,33 +226,41 @@ class LayerCache:
         return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
     def append(self, values: dict[str, torch.Tensor]) -> None:
-        """values: stream name -> (B, T, D) for every stream of the layer."""
+        """values: stream name -> (B, T, D) for every stream of the layer (rotated here where the policy says)."""
         T = next(iter(values.values())).shape[1]
         if self.length + T > self.max_seq:
             raise ValueError(f"KV cache full: {self.length} + {T} tokens > max_seq {self.max_seq}")
         for name, stream in self.streams.items():
-            stream.append(values[name])
+            R = self.rotations.get(name)
+            stream.append(values[name] if R is None else rotate(values[name], R))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for s in self.streams.values() for t in s.tensors()] + list(self.rotations.values())
 
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.streams.values())
+        return sum(s.nbytes() for s in self.streams.values()) + sum(R.nbytes for R in self.rotations.values())
 
 
 class KVCache:
-    """Per-layer caches for one model, preallocated for max_seq tokens of `batch` sequences."""
+    """Per-layer caches for one model, preallocated for max_seq tokens of `batch` sequences. `heads` is the
+    number of K/V heads (every stream is `heads` heads wide)."""
 
     def __init__(
         self,
         policy: KVPolicy,
         widths: dict[str, int],
-        n_layer: int,
+        heads: int,
         batch: int,
         max_seq: int,
         device=None,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         impl: str = "auto",
     ):
-        self.policy, self.widths, self.batch, self.max_seq = policy, widths, batch, max_seq
-        self.layers = [LayerCache(policy, widths, batch, max_seq, device, chunk_tokens, impl) for _ in range(n_layer)]
+        self.policy, self.widths, self.heads, self.batch, self.max_seq = policy, widths, heads, batch, max_seq
+        self.layers = [
+            LayerCache(layer, widths, heads, batch, max_seq, device, chunk_tokens, impl, i)
+            for i, layer in enumerate(policy.layers)
+        ]
 
     @property
     def length(self) -> int:
@@ -199,7 +270,13 @@ class KVCache:
         return sum(layer.nbytes() for layer in self.layers)
 
     def nbytes_by_stream(self) -> dict[str, int]:
-        return {name: sum(layer.streams[name].nbytes() for layer in self.layers) for name in self.widths}
+        return {
+            name: sum(
+                layer.streams[name].nbytes() + (R.nbytes if (R := layer.rotations.get(name)) is not None else 0)
+                for layer in self.layers
+            )
+            for name in self.widths
+        }
 
 
 @torch.no_grad()
@@ -215,9 +292,11 @@ def fill_random(cache: KVCache, n_tokens: int, generator: torch.Generator, chunk
             layer.append({name: v.to(device) for name, v in values.items()})
 
 
-def estimate_bytes(policy: KVPolicy, widths: dict[str, int], n_layer: int, batch: int, max_seq: int) -> int:
-    """Closed-form bytes of a KVCache: equals KVCache(...).nbytes() exactly."""
-    return n_layer * sum(
-        stream_class(policy.streams[name]).estimate(policy.streams[name], batch, max_seq, width, policy.resid)
+def estimate_bytes(policy: KVPolicy, widths: dict[str, int], heads: int, batch: int, max_seq: int, streams=None) -> int:
+    """Closed-form bytes of a KVCache (of its `streams` only, if given): equals KVCache(...).nbytes() exactly."""
+    return sum(
+        stream_bytes(layer.streams[name], width, heads, batch, max_seq, layer.resid)
+        for layer in policy.layers
         for name, width in widths.items()
+        if streams is None or name in streams
     )

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from production.cache.kvcache import KVCache, KVPolicy, estimate_bytes, fill_random
+from production.cache.kvcache import KVCache, estimate_bytes, fill_random
+from production.cache.policy import KVPolicy, LayerPolicy
 from production.core.runtime import peak_rss_bytes, synchronize
 
 
@@ -35,8 +36,10 @@ def storage_bytes(tensors) -> int:
 
 def cache_tensors(cache: KVCache, stream: str | None = None) -> list[torch.Tensor]:
     """Every buffer of the cache (or of one stream across layers)."""
-    names = cache.widths if stream is None else [stream]
-    return [t for layer in cache.layers for name in names for t in layer.streams[name].tensors()]
+    if stream is None:
+        return [t for layer in cache.layers for t in layer.tensors()]
+    rotations = [layer.rotations[stream] for layer in cache.layers if stream in layer.rotations]
+    return [t for layer in cache.layers for t in layer.streams[stream].tensors()] + rotations
 
 
 def _measurement(kind: str, before: dict, after: dict, device: str, stored: int) -> tuple[int, dict]:
@@ -54,28 +57,34 @@ def _measurement(kind: str, before: dict, after: dict, device: str, stored: int)
     return stored, {"method": "cpu_storage", **details}  # cpu, or meta (the same storage sizes, no pages)
 
 
+def stream_kinds(policy: KVPolicy, name: str) -> str:
+    """One stream's kind across layers: `q4_0@32`, or `L0-1:q2_1@64|L2-3:fp16` where layers differ."""
+    runs = KVPolicy(tuple(LayerPolicy({name: layer.streams[name]}) for layer in policy.layers)).ranges()
+    if len(runs) == 1:
+        return str(runs[0][2].streams[name])
+    return "|".join(f"L{a}{'' if a == b else f'-{b}'}:{layer.streams[name]}" for a, b, layer in runs)
+
+
 def measure_cache(
-    widths: dict[str, int], n_layer: int, policy: KVPolicy, batch: int, context: int, device: str
+    widths: dict[str, int], heads: int, policy: KVPolicy, batch: int, context: int, device: str
 ) -> tuple[dict, KVCache]:
-    """Allocate the cache of `n_layer` layers with stream `widths` under `policy` for `context` tokens and
-    measure it. Returns the record {policy, estimate_bytes, measured_bytes, measurement, per_stream} and the
-    cache."""
-    estimate = estimate_bytes(policy, widths, n_layer, batch, context)
+    """Allocate the cache with stream `widths` of `heads` K/V heads under `policy` (one entry per layer) for
+    `context` tokens and measure it. Returns the record {policy, estimate_bytes, measured_bytes, measurement,
+    per_stream} and the cache."""
+    estimate = estimate_bytes(policy, widths, heads, batch, context)
     kind = torch.device(device).type
     gc.collect()
     if kind == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before = _device_counters(device)
-    cache = KVCache(policy, widths, n_layer, batch, context, device)
+    cache = KVCache(policy, widths, heads, batch, context, device)
     after = _device_counters(device)
     measured, measurement = _measurement(kind, before, after, device, storage_bytes(cache_tensors(cache)))
     per_stream = {
         name: {
-            "kind": str(policy.streams[name]),
+            "kind": stream_kinds(policy, name),
             "width": width,
-            "estimate_bytes": estimate_bytes(
-                KVPolicy({name: policy.streams[name]}, policy.resid), {name: width}, n_layer, batch, context
-            ),
+            "estimate_bytes": estimate_bytes(policy, widths, heads, batch, context, streams=[name]),
             "measured_bytes": storage_bytes(cache_tensors(cache, name)),
         }
         for name, width in widths.items()

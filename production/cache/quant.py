@@ -1,19 +1,26 @@
-"""Block quantization formats for the KV cache: q8_0, q4_0 (llama.cpp) and nf4 (QLoRA).
+"""Block quantization formats for the KV cache (production.cache.formats): q8_0, q4_0, q4_1 (llama.cpp),
+nf4 (QLoRA), and the 3- and 2-bit affine formats q3_1 and q2_1.
 
 Two layers:
-- `encode(x, kind) -> (scale, codes)` / `decode(scale, codes, kind)` work on any even block size qb and keep
-  scales and codes in separate tensors, the layout the cache stores and reads fast (4-bit codes packed as
-  adjacent pairs, which unpack with contiguous integer ops).
-- `quantize_blocks(x, kind)` / `dequantize_blocks(b, kind)` produce and read the interoperable bytes: for q8_0
-  and q4_0 exactly llama.cpp's `block_q8_0` (fp16 d, 32 int8) and `block_q4_0` (fp16 d, 16 bytes of nibbles),
-  bit-identical to `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`.
+- `encode(x, kind) -> (scale, codes)` / `decode(scale, codes, kind)` work on any block size the format allows
+  and keep scales and codes in separate tensors, the layout the cache stores and reads fast: 4-bit codes packed
+  as adjacent pairs, 2-bit codes four to a byte (code 4j + i in bits 2i..2i+1 of byte j), 3-bit codes eight to
+  three bytes (codes 8j .. 8j+7 in the little-endian 24-bit word of bytes 3j .. 3j+2, code 8j + i at bit 3i).
+- `quantize_blocks(x, kind)` / `dequantize_blocks(b, kind)` produce and read the interoperable bytes of blocks
+  of 32: for q8_0, q4_0 and q4_1 exactly llama.cpp's `block_q8_0` (fp16 d, 32 int8), `block_q4_0` (fp16 d, 16
+  bytes of nibbles) and `block_q4_1` (fp16 d, fp16 m, 16 bytes of nibbles), bit-identical to
+  `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref` / `quantize_row_q4_1_ref`; nf4 as q4_0's struct; q3_1 and
+  q2_1 as fp16 d, fp16 m, then the codes in the cache layout (12 and 8 bytes).
 
 The reference semantics, reproduced in strict fp32 (each operation rounded, as the C source reads):
   q8_0: amax = max|x|; d = amax / 127; id = d ? 1/d : 0; q = roundf(x * id) (half away from zero).
   q4_0: m = the x of largest |x| (first on ties); d = m / -8; id = d ? 1/d : 0;
         q = min(15, (int8)(x * id + 8.5f)) with truncation toward zero.
-  d is stored as fp16 (round to nearest even). Where 1/d overflows to inf (|d| below ~2.9e-39) the C
-  conversion of a non-finite float to an integer yields 0 on x86; we write code 0 there too.
+  q4_1: lo, hi = min x, max x; d = (hi - lo) / 15; id = d ? 1/d : 0; q = min(15, (int8)((x - lo) * id + 0.5f)).
+  q3_1, q2_1: as q4_1 with 7 and 3 in place of 15 (8 and 4 levels).
+  d (and m = lo) are stored as fp16 (round to nearest even); dequant m + q * d (q8_0: q * d; q4_0: (q - 8) * d).
+  Where 1/d overflows to inf (|d| below ~2.9e-39) the C conversion of a non-finite float to an integer yields 0
+  on x86; we write code 0 there too.
 A build that contracts x*id + 8.5f into one FMA (gcc -march=native) can differ from the C source in rare
 near-integer cases; we follow the source.
 """
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from production.cache.policy import QUANT_KINDS
+from production.cache.formats import FORMATS, QUANT_KINDS
 
 # QLoRA's NormalFloat4 codebook on [-1, 1] (Dettmers et al., 2023, appendix E)
 NF4_CODEBOOK = torch.tensor(
@@ -52,12 +59,18 @@ LLAMA_BLOCK = 32
 
 def code_bytes(kind: str, qb: int) -> int:
     """Bytes of codes per block of qb values."""
-    return qb if kind == "q8_0" else qb // 2
+    return _format(kind).code_bytes(qb)
 
 
 def block_bytes(kind: str, qb: int = LLAMA_BLOCK) -> int:
-    """Bytes per block: fp16 scale + codes (q8_0@32: 34, q4_0@32 and nf4@32: 18)."""
-    return 2 + code_bytes(kind, qb)
+    """Bytes per block: fp16 scales + codes (at qb 32: q8_0 34, q4_0 and nf4 18, q4_1 20, q3_1 16, q2_1 12)."""
+    return _format(kind).block_bytes(qb)
+
+
+def _format(kind: str):
+    if kind not in FORMATS:
+        raise ValueError(f"unknown quantization kind {kind!r}; valid: {', '.join(QUANT_KINDS)}")
+    return FORMATS[kind]
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +97,34 @@ def _unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
     return pairs.view(torch.uint8)
 
 
+_SHIFTS2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+_SHIFTS3 = torch.arange(0, 24, 3, dtype=torch.int32)
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (..., qb) -> cache-layout bytes (..., qb * bits / 8); 8-bit codes stay int8."""
+    if bits == 8:
+        return q
+    if bits == 4:
+        return _pack_pairs(q)
+    if bits == 2:
+        q = q.to(torch.uint8).unflatten(-1, (-1, 4)) << _SHIFTS2.to(q.device)
+        return q[..., 0] | q[..., 1] | q[..., 2] | q[..., 3]
+    words = (q.to(torch.int32).unflatten(-1, (-1, 8)) << _SHIFTS3.to(q.device)).sum(-1, dtype=torch.int32)
+    return torch.stack([words & 0xFF, (words >> 8) & 0xFF, words >> 16], dim=-1).flatten(-2).to(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Cache-layout bytes (..., qb * bits / 8) -> uint8 codes (..., qb) (bits 2, 3, 4)."""
+    if bits == 4:
+        return _unpack_pairs(packed)
+    if bits == 2:
+        return ((packed.unsqueeze(-1) >> _SHIFTS2.to(packed.device)) & 3).flatten(-2)
+    b = packed.unflatten(-1, (-1, 3)).to(torch.int32)
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    return ((words.unsqueeze(-1) >> _SHIFTS3.to(packed.device)) & 7).to(torch.uint8).flatten(-2)
+
+
 def _llama_nibbles(q: torch.Tensor) -> torch.Tensor:
     """llama.cpp layout: code j in the low nibble of byte j, code j + qb/2 in the high nibble."""
     half = q.shape[-1] // 2
@@ -95,9 +136,19 @@ def _from_llama_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _codes(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., n_blocks, qb) -> scale (..., n_blocks) fp16 and unpacked codes (..., n_blocks, qb): int8 for
-    q8_0, uint8 0..15 for q4_0 and nf4."""
+    """x (..., n_blocks, qb) -> scale fp16 (..., n_blocks), or (..., n_blocks, 2) = (d, m) for the affine
+    formats, and unpacked codes (..., n_blocks, qb): int8 for q8_0, uint8 0 .. 2^bits - 1 otherwise."""
     x = x.float()
+    fmt = _format(kind)
+    if fmt.scales == 2:
+        # the first minimum and maximum, as C's `v < min` / `v > max` scans find them (-0.0 and 0.0 tie)
+        lo = torch.gather(x, -1, x.argmin(dim=-1, keepdim=True))
+        hi = torch.gather(x, -1, x.argmax(dim=-1, keepdim=True))
+        top = 2**fmt.bits - 1
+        d = (hi - lo) / top
+        y = (x - lo) * _safe_reciprocal(d) + 0.5
+        q = torch.where(torch.isfinite(y), torch.trunc(y), torch.zeros_like(y)).clamp(max=top)
+        return torch.cat([d, lo], dim=-1).half(), q.to(torch.uint8)
     if kind == "q8_0":
         d = x.abs().amax(dim=-1, keepdim=True) / 127
         y = x * _safe_reciprocal(d)
@@ -120,16 +171,20 @@ def _codes(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., n_blocks, qb) float -> scale (..., n_blocks) fp16 and codes (..., n_blocks, code_bytes) in the
-    cache layout: int8 for q8_0, nibble pairs for q4_0 and nf4."""
+    """x (..., n_blocks, qb) float -> scale fp16 (..., n_blocks) or (..., n_blocks, 2), and codes
+    (..., n_blocks, code_bytes) in the cache layout."""
     scale, q = _codes(x, kind)
-    return scale, q if kind == "q8_0" else _pack_pairs(q)
+    return scale, _pack(q, FORMATS[kind].bits)
 
 
 def decode(scale: torch.Tensor, codes: torch.Tensor, kind: str, dtype=torch.float32) -> torch.Tensor:
-    """scale (..., n_blocks) fp16, cache-layout codes (..., n_blocks, code_bytes) -> values (..., n_blocks, qb).
+    """scale and cache-layout codes as `encode` returns them -> values (..., n_blocks, qb).
     q4_0's -8 is applied to the uint8 codes (wrapping to the int8 values -8..7), so no float pass is spent on
     it; the scale multiplies in place (a mixed int * float op is several times slower on CPU)."""
+    fmt = _format(kind)
+    if fmt.scales == 2:
+        dm = scale.to(dtype).unsqueeze(-2)  # (..., n_blocks, 1, 2)
+        return _unpack(codes, fmt.bits).to(dtype).mul_(dm[..., 0]).add_(dm[..., 1])
     d = scale.to(dtype).unsqueeze(-1)
     if kind == "q8_0":
         return codes.to(dtype).mul_(d)
@@ -142,20 +197,29 @@ def decode(scale: torch.Tensor, codes: torch.Tensor, kind: str, dtype=torch.floa
 
 
 def quantize_blocks(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """x (..., n*32) float -> uint8 (..., n, block_bytes): the llama.cpp block structs (fp16 scale first)."""
+    """x (..., n*32) float -> uint8 (..., n, block_bytes): the block structs (fp16 scales first; llama.cpp's
+    own for q8_0, q4_0 and q4_1)."""
+    fmt = _format(kind)
     if x.shape[-1] % LLAMA_BLOCK:
         raise ValueError(f"last dim {x.shape[-1]} is not a multiple of {LLAMA_BLOCK}")
     scale, q = _codes(x.reshape(*x.shape[:-1], -1, LLAMA_BLOCK), kind)
-    codes = q.view(torch.uint8) if kind == "q8_0" else _llama_nibbles(q)
-    scale_bytes = scale.contiguous().view(torch.uint8).reshape(*scale.shape, 2)  # little-endian fp16
+    codes = q.view(torch.uint8) if fmt.bits == 8 else _llama_nibbles(q) if fmt.bits == 4 else _pack(q, fmt.bits)
+    scale = scale.reshape(*q.shape[:-1], fmt.scales)
+    scale_bytes = scale.contiguous().view(torch.uint8).reshape(*q.shape[:-1], 2 * fmt.scales)  # little-endian
     return torch.cat([scale_bytes, codes], dim=-1)
 
 
 def dequantize_blocks(b: torch.Tensor, kind: str) -> torch.Tensor:
     """uint8 (..., n, block_bytes) -> float32 (..., n*32)."""
+    fmt = _format(kind)
     if b.dtype != torch.uint8 or b.shape[-1] != block_bytes(kind):
         raise ValueError(f"{kind} blocks are uint8 (..., n, {block_bytes(kind)}), got {b.dtype} {tuple(b.shape)}")
-    scale = b[..., :2].contiguous().view(torch.float16).squeeze(-1)
-    codes = b[..., 2:].contiguous()
-    codes = codes.view(torch.int8) if kind == "q8_0" else _pack_pairs(_from_llama_nibbles(codes))
+    n_scale = 2 * fmt.scales
+    scale = b[..., :n_scale].contiguous().view(torch.float16)
+    scale = scale.squeeze(-1) if fmt.scales == 1 else scale
+    codes = b[..., n_scale:].contiguous()
+    if fmt.bits == 8:
+        codes = codes.view(torch.int8)
+    elif fmt.bits == 4:
+        codes = _pack_pairs(_from_llama_nibbles(codes))
     return decode(scale, codes, kind).flatten(-2)

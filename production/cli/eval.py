@@ -36,7 +36,7 @@ def build_routes(v: dict, model, ckpt_path, ckpt, runtime: RuntimeConfig, max_se
             request = AutoRequest.from_options(v, max_seq)
             resolved, tuner = auto_policy(model, ckpt_path, ckpt, [], request, runtime, DecisionStore(v["tuner_store"]))
             print(f"kv-policy auto: {resolved} ({tuner['source']})", file=sys.stderr)
-        policy = parse_policy(resolved, streams)
+        policy = parse_policy(resolved, streams, model.cfg.n_layer)
         routes.append(Route(text, policy, str(policy)))
     return routes
 

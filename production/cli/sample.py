@@ -62,7 +62,9 @@ def run(values: dict, argv: list[str]) -> int:
             f"max|dlogit| {tuner['guard']['max_abs_logit']:.3f}, dNLL {tuner['guard']['delta_nll']:+.4f})",
             file=sys.stderr,
         )
-    policy = None if policy_text == "none" else parse_policy(policy_text, list(cache_widths(model.cfg)))
+    policy = (
+        None if policy_text == "none" else parse_policy(policy_text, list(cache_widths(model.cfg)), model.cfg.n_layer)
+    )
 
     def on_prefill(cache):
         sig = device_signature(runtime.device)

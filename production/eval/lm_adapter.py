@@ -109,7 +109,7 @@ class DBALM(TemplateLM):
             # no prompt: calibration on the run's validation split, else the embedded corpus
             request = AutoRequest.from_options(v, self._max_length)
             text, _ = auto_policy(self.model, self.ckpt_path, self.ckpt, [], request, self.runtime, store)
-        return parse_policy(text, list(cache_widths(self.model.cfg)))
+        return parse_policy(text, list(cache_widths(self.model.cfg)), self.model.cfg.n_layer)
 
     @property
     def eot_token_id(self) -> int:

@@ -41,7 +41,7 @@ def route_record(route: Route, model: GPT, length: int) -> dict:
     record = {"path": route.label, "policy": route.resolved, "cache_bytes_per_token": None}
     if route.policy is not None:
         cfg = model.cfg
-        total = estimate_bytes(route.policy, cache_widths(cfg), cfg.n_layer, 1, length)
+        total = estimate_bytes(route.policy, cache_widths(cfg), cfg.kv_heads, 1, length)
         record["cache_bytes_per_token"] = total / length
     return record
 

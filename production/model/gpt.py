@@ -120,7 +120,7 @@ class GPT(nn.Module):
         `chunk_tokens` at a time with matmul strategy `impl` (production.cache.attend)."""
         device = self.wte.weight.device
         widths = cache_widths(self.cfg)
-        return KVCache(policy, widths, self.cfg.n_layer, batch, max_seq, device, chunk_tokens, impl)
+        return KVCache(policy, widths, self.cfg.kv_heads, batch, max_seq, device, chunk_tokens, impl)
 
     def num_params(self) -> int:
         """Unique parameters (the tied head and tied Q/K count once)."""

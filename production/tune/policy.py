@@ -1,109 +1,78 @@
-"""`--kv-policy auto`: the smallest cache policy that passes a quality guard against an fp16 cache.
+"""`--kv-policy auto`: the smallest cache policy that passes the quality guard (production.tune.guard).
 
-Guard: on real calibration tokens, prefill P tokens, then D teacher-forced decode steps, once with an fp16 cache
-(the reference) and once with the candidate. Metrics over the D decode positions: max |delta logit|, mean
-delta NLL of the true next token (nats), and the perplexity ratio exp(mean delta NLL). A candidate passes when
-all three are within their limits.
-
-Search: candidates are every per-stream choice of kind (q4_0, nf4, q8_0, fp16) at a block size (32 or 64) and
-residual window (0 or 128), estimated in bytes at the cache's capacity, sorted by bytes; they are judged in that
-order and the first to pass wins (a bounded number of tries, then fp16, which passes by definition). For
-decoupled models the winner's sem/geo precision swap is judged too and reported as a counterfactual.
+1. Sensitivities (production.tune.sensitivity): every stream of every layer probed under every searched spec
+   (2-, 3-, 4- and 8-bit kinds, block sizes 32-128, with and without rotation, per-channel keys).
+2. For each residual window (0 and 128 tokens), the path of policies ordered by predicted quality per byte,
+   from the cheapest to fp16.
+3. On each path, a bisection with the real guard for the cheapest policy that passes (the path's policies
+   are assumed to get better as they grow): the first point is judged first, then the last within
+   --max-cache-bytes, then midpoints. At most `max_candidates` judgments in all; the cheapest passing policy
+   wins, else fp16 (exact by definition). Every accepted policy was measured by the guard.
+For decoupled models the winner's sem/geo precision swap (in every layer) is judged too and reported as a
+counterfactual.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import time
 
 import torch
-import torch.nn.functional as F
 
-from production.cache.kvcache import estimate_bytes
-from production.cache.policy import KVPolicy, StreamSpec
+from production.cache.policy import KVPolicy, LayerPolicy
 from production.config.sampling import GuardLimits
 from production.core.errors import UserError
-from production.model.attention import cache_widths
 from production.model.gpt import GPT
+from production.tune.guard import Judge
+from production.tune.sensitivity import measure_sensitivity, quality_path
 
-SEARCH_KINDS = ("q4_0", "nf4", "q8_0", "fp16")
-SEARCH_BLOCKS = (32, 64)
 SEARCH_RESID = (0, 128)
 
 
-def guard_metrics(ref: torch.Tensor, cand: torch.Tensor, targets: torch.Tensor) -> dict:
-    """ref, cand (N, vocab) logits at the same positions; targets (N,) the true next tokens."""
-    ref, cand = ref.float(), cand.float()
-    nll_ref = F.cross_entropy(ref, targets, reduction="none")
-    nll_cand = F.cross_entropy(cand, targets, reduction="none")
-    delta = (nll_cand - nll_ref).mean().item()
-    return {"max_abs_logit": (cand - ref).abs().max().item(), "delta_nll": delta, "ppl_ratio": math.exp(delta)}
-
-
-def passes(metrics: dict, limits: GuardLimits) -> bool:
-    return (
-        metrics["max_abs_logit"] <= limits.max_abs_logit
-        and metrics["delta_nll"] <= limits.delta_nll
-        and metrics["ppl_ratio"] <= limits.ppl_ratio
-    )
-
-
-@torch.no_grad()
-def teacher_forced_logits(model: GPT, tokens: torch.Tensor, policy: KVPolicy, prefill: int, autocast) -> torch.Tensor:
-    """tokens (1, prefill + D + 1): prefill, then feed tokens[prefill .. prefill+D-1] one at a time.
-    Returns the D decode-step logits (D, vocab), predicting tokens[prefill+1 .. prefill+D]."""
-    D = tokens.shape[1] - prefill - 1
-    cache = model.new_cache(policy, 1, prefill + D)
-    with autocast():
-        model(tokens[:, :prefill], cache=cache, last_only=True)
-        steps = [model(tokens[:, t : t + 1], cache=cache)[0][0, -1] for t in range(prefill, prefill + D)]
-    return torch.stack(steps)
-
-
-def candidate_policies(streams: dict[str, int], n_layer: int, max_seq: int) -> list[tuple[int, KVPolicy]]:
-    """(bytes at max_seq, policy) for every searched combination, cheapest first, duplicates removed."""
-    seen, out = set(), []
-    for kinds in itertools.product(SEARCH_KINDS, repeat=len(streams)):
-        quantized = any(k != "fp16" for k in kinds)
-        for qb, resid in itertools.product(SEARCH_BLOCKS if quantized else (32,), SEARCH_RESID if quantized else (0,)):
-            policy = KVPolicy({s: StreamSpec(k, qb) for s, k in zip(streams, kinds, strict=True)}, resid)
-            if str(policy) not in seen:
-                seen.add(str(policy))
-                out.append((estimate_bytes(policy, streams, n_layer, 1, max_seq), policy))
-    return sorted(out, key=lambda bp: (bp[0], str(bp[1])))
-
-
 def swapped(policy: KVPolicy) -> KVPolicy | None:
-    """The decoupled policy with semantic and geometric key precisions exchanged (None if they are equal)."""
-    s = policy.streams
-    if "k_sem" not in s or s["k_sem"] == s["k_geo"]:
+    """The decoupled policy with semantic and geometric key specs exchanged in every layer (None if that changes
+    nothing)."""
+    if "k_sem" not in policy.layers[0].streams:
         return None
-    return KVPolicy({**s, "k_sem": s["k_geo"], "k_geo": s["k_sem"]}, policy.resid)
+    layers = tuple(
+        LayerPolicy({**layer.streams, "k_sem": layer.streams["k_geo"], "k_geo": layer.streams["k_sem"]}, layer.resid)
+        for layer in policy.layers
+    )
+    return None if layers == policy.layers else KVPolicy(layers)
 
 
-class Judge:
-    """Judges policies for one model and one calibration sequence against its fp16-cache reference."""
+def bisect_path(path: list, judge, budget: int, cap: int | None) -> tuple[int | None, list[dict]]:
+    """The index of the cheapest point judged to pass on `path` [(bytes, damage, policy)], within `cap` bytes and
+    `budget` judgments (None if none passed), and the judgments made."""
+    last = len(path) - 1
+    while last >= 0 and cap is not None and path[last][0] > cap:
+        last -= 1
+    tried: list[dict] = []
+    verdict: dict[int, bool] = {}
 
-    def __init__(self, model: GPT, tokens: torch.Tensor, prefill: int, max_seq: int, limits: GuardLimits, autocast):
-        self.model, self.tokens, self.prefill, self.max_seq = model, tokens, prefill, max_seq
-        self.limits, self.autocast = limits, autocast
-        self.widths = cache_widths(model.cfg)
-        self.fp16 = KVPolicy({s: StreamSpec("fp16") for s in self.widths})
-        self.reference = teacher_forced_logits(model, tokens, self.fp16, prefill, autocast)
+    def passes(i: int) -> bool | None:
+        if i not in verdict:
+            if len(tried) >= budget:
+                return None
+            tried.append({**judge(path[i][2]), "path_index": i, "predicted_damage": path[i][1]})
+            verdict[i] = tried[-1]["passed"]
+        return verdict[i]
 
-    def bytes(self, policy: KVPolicy) -> int:
-        return estimate_bytes(policy, self.widths, self.model.cfg.n_layer, 1, self.max_seq)
-
-    def __call__(self, policy: KVPolicy) -> dict:
-        logits = teacher_forced_logits(self.model, self.tokens, policy, self.prefill, self.autocast)
-        metrics = guard_metrics(self.reference, logits, self.tokens[0, self.prefill + 1 :])
-        return {
-            "policy": str(policy),
-            "bytes": self.bytes(policy),
-            "guard": metrics,
-            "passed": passes(metrics, self.limits),
-        }
+    if last < 0:
+        return None, tried
+    first = passes(0)
+    if first is not False:  # the cheapest passes (or no judgment was left)
+        return (0 if first else None), tried
+    exact = all(s.kind == "fp16" for layer in path[last][2].layers for s in layer.streams.values())
+    if not exact and not passes(last):  # nothing within the cap passes (or no judgment was left)
+        return None, tried
+    lo, hi = 0, last  # path[lo] fails; path[hi] passes (or is the exact fp16 end, never judged)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        verdict_mid = passes(mid)
+        if verdict_mid is None:
+            break
+        lo, hi = (lo, mid) if verdict_mid else (mid, hi)
+    return (None if exact and hi == last else hi), tried
 
 
 def search_policy(
@@ -116,25 +85,28 @@ def search_policy(
     max_candidates: int,
     autocast,
 ) -> dict:
-    """Judge candidates cheapest first; returns the decision record (policy, bytes, guard, tries...)."""
+    """Sensitivities, paths, guarded bisection; returns the decision record (policy, bytes, guard, tries...)."""
     t0 = time.perf_counter()
     judge = Judge(model, tokens, prefill, max_seq, limits, autocast)
-    candidates = candidate_policies(judge.widths, model.cfg.n_layer, max_seq)
-    pool = [p for b, p in candidates if max_cache_bytes is None or b <= max_cache_bytes]
-    if not pool:
+    sensitivity = measure_sensitivity(model, tokens, prefill, autocast)
+    paths = {resid: quality_path(sensitivity, model, max_seq, resid, limits) for resid in SEARCH_RESID}
+    cheapest = min(path[0][0] for path in paths.values())
+    if max_cache_bytes is not None and cheapest > max_cache_bytes:
         raise UserError(
             f"no cache policy fits --max-cache-bytes {max_cache_bytes} at max_seq {max_seq} (the smallest needs "
-            f"{candidates[0][0]})"
+            f"{cheapest})"
         )
-    tried, winner = [], None
-    for policy in pool:
-        if str(policy) == "fp16" or len(tried) >= max_candidates:
-            break
-        tried.append(judge(policy))
-        if tried[-1]["passed"]:
-            winner = (policy, tried[-1])
-            break
-    if winner is None:  # nothing cheaper passed within the budget of tries: the fp16 cache is exact by definition
+    tried, passing = [], []
+    for n, (resid, path) in enumerate(paths.items()):
+        budget = (max_candidates - len(tried)) // (len(paths) - n)  # spread what is left over the paths left
+        index, judged = bisect_path(path, judge, budget, max_cache_bytes)
+        tried += [{**t, "resid": resid} for t in judged]
+        if index is not None:
+            passing.append(next(t for t in judged if t["path_index"] == index))
+    if passing:
+        best = min(passing, key=lambda t: t["bytes"])
+        winner = (next(p for path in paths.values() for _, _, p in path if str(p) == best["policy"]), best)
+    else:  # nothing cheaper passed within the budget of tries: the fp16 cache is exact by definition
         fp16_bytes = judge.bytes(judge.fp16)
         if max_cache_bytes is not None and fp16_bytes > max_cache_bytes:
             raise UserError(
@@ -156,6 +128,8 @@ def search_policy(
         "limits": limits.to_dict(),
         "candidates_tried": len(tried),
         "tried": tried,
+        "path_lengths": {str(resid): len(path) for resid, path in paths.items()},
+        "sensitivity": sensitivity,
         "counterfactuals": counterfactuals,
         "seconds": time.perf_counter() - t0,
     }
