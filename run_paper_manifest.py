@@ -36,6 +36,13 @@ def build_parser() -> Parser:
     p.add_argument("--dry-run", action="store_true", help="resolve, check and print the commands; train nothing")
     p.add_argument("--post-mem128k", action="store_true", help="write mem128k.json for each finished run")
     p.add_argument(
+        "--mem128k-policy",
+        choices=["default", "auto"],
+        default="default",
+        help="the cache policy mem128k.json measures: the benchmark's default (the paper's for decoupled runs, fp16 "
+        "otherwise) or auto, the tuner's guarded choice for each run at 131072 tokens",
+    )
+    p.add_argument(
         "--post-eval",
         action="store_true",
         help="write eval.json (main.py --mode eval: full forward and the tuner's cache, plain RoPE and YaRN) for each "
@@ -111,7 +118,9 @@ def main(argv=None) -> int:
                 primary = results[same[plan.id]]
                 results[plan.id] = record_same(plan, primary, args.runs_dir, args.manifest, sha)
             else:
-                results[plan.id] = run_one(plan, args.runs_dir, args.manifest, sha, args.device, post)
+                results[plan.id] = run_one(
+                    plan, args.runs_dir, args.manifest, sha, args.device, post, args.mem128k_policy
+                )
     except RunInterrupted as stopped:
         results[stopped.result.id] = stopped.result
         print(f"\ngroup {args.group}: stopped after {time.time() - t0:.0f}s\n{table(list(results.values()))}")

@@ -72,10 +72,17 @@ def write_run(runs_dir, run_id, mem=True):
     if not mem:
         return
     std_bytes, dec_fp16 = 4 * 131072 * 512 * 2, 4 * 131072 * 96 * 2
-    report = {"context_len": 131072, "model": model, "policy": "fp16", "measured_bytes": std_bytes}
+    widths = {"k": 256, "v": 256} if model["attn_mode"] == "standard" else {"k_sem": 16, "k_geo": 32, "v": 48}
+    per_stream = {name: {"width": w} for name, w in widths.items()}
+    report = {"context_len": 131072, "batch_size": 1, "model": model, "policy": "fp16", "measured_bytes": std_bytes}
+    report["per_stream"] = per_stream
     if model["attn_mode"] == "decoupled":
         cand = 35_000_000 + len(run_id)
         report.update(policy="ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128", measured_bytes=cand)
+        if run_id == "t_decoupled_null_s1":  # the tuner's per-layer choice: 2.5 bits per value
+            cand = 4 * 131072 * 96 * 5 // 16
+            policy = "L0:ksem=q3_1@64,kgeo=q4_0@32,v=q2_1@64,resid=0|L1-3:ksem=q2_1@64,kgeo=q2_1@64,v=q2_1@64,resid=0"
+            report.update(policy=policy, measured_bytes=cand, tuner={"policy": policy, "source": "search"})
         report["decomposition"] = {
             "standard_fp16": {"measured_bytes": std_bytes},
             "decoupled_fp16": {"measured_bytes": dec_fp16},
@@ -171,6 +178,7 @@ def test_json_numbers_equal_the_run_artifacts(fixture_runs):
     assert cmp["t_decoupled_null"]["welch_p"] is None  # n = 1
     table = (fixture_runs / "assets" / "table_main.tex").read_text()
     assert r"\toprule" in table and "5.650 $\\pm$ 0.071 (2)" in table and "Q4/Q8/Q4" in table
+    assert "tuned, 2.5 bits/value" in table and variants["t_decoupled_null"]["kv"]["bits_per_value"] == 2.5
     assert "no runs of this table" in (fixture_runs / "assets" / "table_scale.tex").read_text()
 
 

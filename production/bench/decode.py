@@ -20,6 +20,7 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -76,20 +77,32 @@ def decode_step(model: GPT, cache, runtime) -> float:
     return time.perf_counter() - t0
 
 
-def time_rows(rows: list[dict], args, runtime) -> None:
-    """Fill every row's cache, then time the rows round-robin (`--rounds` rounds of `--steps` steps each), so
-    drift in machine speed lands on all rows alike; each row reports the median step."""
+@dataclass(frozen=True)
+class Timing:
+    """How decode steps are timed: `warmup` untimed steps per row, then `rounds` round-robin passes of `steps`
+    timed steps each; attention reads `chunk` tokens at a time with matmul strategy `impl`."""
+
+    steps: int = 3
+    rounds: int = 3
+    warmup: int = 2
+    chunk: int = DEFAULT_CHUNK_TOKENS
+    impl: str = "auto"
+
+
+def time_rows(rows: list[dict], timing: Timing, runtime) -> None:
+    """Fill every row's cache ({model, context, policy}), then time the rows round-robin, so drift in machine
+    speed lands on all rows alike; each row gets the median step (ms_per_token), its cache's bytes and the
+    effective GB/s of cache read."""
     for row in rows:
-        row["cache"] = row["model"].new_cache(
-            row["policy"], 1, row["context"] + args.warmup + args.rounds * args.steps, args.chunk, args.impl
-        )
+        capacity = row["context"] + timing.warmup + timing.rounds * timing.steps
+        row["cache"] = row["model"].new_cache(row["policy"], 1, capacity, timing.chunk, timing.impl)
         fill_random(row["cache"], row["context"], torch.Generator().manual_seed(0))
-        for _ in range(args.warmup):
+        for _ in range(timing.warmup):
             decode_step(row["model"], row["cache"], runtime)
         row["times"] = []
-    for _ in range(args.rounds):
+    for _ in range(timing.rounds):
         for row in rows:
-            row["times"] += [decode_step(row["model"], row["cache"], runtime) for _ in range(args.steps)]
+            row["times"] += [decode_step(row["model"], row["cache"], runtime) for _ in range(timing.steps)]
     for row in rows:
         cache = row.pop("cache")
         ms = 1000 * statistics.median(row.pop("times"))
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         retain_cpu_heap()
     models = build_models(args, runtime)
     rows = build_rows(models, contexts, args.policies)
-    time_rows(rows, args, runtime)
+    time_rows(rows, Timing(args.steps, args.rounds, args.warmup, args.chunk, args.impl), runtime)
     keys = ("ms_per_token", "cache_bytes", "context_bytes", "gb_s")
     results = [
         {

@@ -22,15 +22,19 @@ from production.cache.memory import measure_cache, time_decode_step
 from production.cache.policy import PAPER_POLICY, parse_policy
 from production.config.build import resolve_model
 from production.config.presets import EXPERIMENTS, SIZES
+from production.config.sampling import MAX_CANDIDATES, GuardLimits
 from production.core.atomic import write_json
 from production.core.entry import Parser, command
 from production.core.errors import UserError
-from production.core.layout import RunDir, default_mem128k_path
+from production.core.layout import DEFAULT_TUNER_STORE, RunDir, default_mem128k_path
 from production.core.runtime import RuntimeConfig, device_name, resolve_runtime
+from production.data.corpus import CORPUS_CACHE_DIR
 from production.model.attention import cache_widths
 from production.model.config import ModelConfig, standard_counterpart
 from production.model.gpt import GPT
-from production.train.checkpoint import load_checkpoint, model_config
+from production.train.checkpoint import load_checkpoint, load_model, model_config
+from production.tune.auto import AutoRequest, auto_policy
+from production.tune.store import DecisionStore
 
 SCHEMA = "dba.mem128k/1"
 
@@ -140,6 +144,15 @@ def mem128k_report(
     return report
 
 
+def tuned_policy(ckpt_path: Path, context: int, runtime: RuntimeConfig, store: Path) -> tuple[str, dict]:
+    """The tuner's policy for the checkpoint's model at `context` tokens (default guard; stored decisions reused)."""
+    model, ckpt = load_model(ckpt_path, runtime.device)
+    request = AutoRequest(GuardLimits(), None, MAX_CANDIDATES, context, CORPUS_CACHE_DIR)
+    policy, decision = auto_policy(model, ckpt_path, ckpt, [], request, runtime, DecisionStore(store))
+    del model
+    return policy, decision
+
+
 def summary_line(report: dict) -> str:
     gib = report["measured_bytes"] / 2**30
     line = f"mem128k {report['model']['attn_mode']} {report['policy']} @ {report['context_len']} tokens: "
@@ -162,7 +175,12 @@ def build_parser() -> Parser:
     p.add_argument("--exp", help=f"experiment preset instead of --ckpt: {', '.join(EXPERIMENTS)}")
     p.add_argument("--context-len", type=int, default=131072, help="tokens the cache holds")
     p.add_argument("--batch-size", type=int, default=1, help="sequences the cache holds")
-    p.add_argument("--policy", help=f"cache policy (default: {PAPER_POLICY} for decoupled, fp16 otherwise)")
+    p.add_argument(
+        "--policy",
+        help=f"cache policy (default: {PAPER_POLICY} for decoupled, fp16 otherwise); auto: the tuner's guarded "
+        "choice for --ckpt at --context-len tokens",
+    )
+    p.add_argument("--tuner-store", type=Path, default=DEFAULT_TUNER_STORE, help="decision store of --policy auto")
     p.add_argument("--decompose", action="store_true", help="standard fp16 / decoupled fp16 / policy ratios")
     p.add_argument("--baseline-ckpt", type=Path, help="a trained standard run to compare against (with --decompose)")
     p.add_argument("--decode-step", action="store_true", help="also time one decode step at full context")
@@ -192,7 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     baseline = None
     if args.baseline_ckpt is not None:
         baseline = (*config_from_ckpt(args.baseline_ckpt), args.baseline_ckpt)
-    report = mem128k_report(cfg, ckpt, source, args.policy, args.decompose, baseline, setting)
+    policy, tuner = args.policy, None
+    if policy == "auto":
+        if args.ckpt is None:
+            raise UserError("--policy auto asks the tuner about a trained model: give --ckpt")
+        policy, tuner = tuned_policy(args.ckpt, args.context_len, runtime, args.tuner_store)
+    report = mem128k_report(cfg, ckpt, source, policy, args.decompose, baseline, setting)
+    if tuner is not None:
+        report["tuner"] = {k: tuner[k] for k in ("source", "policy", "bytes", "guard", "limits", "candidates_tried")}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     print(summary_line(report))

@@ -8,7 +8,7 @@ import matplotlib
 import matplotlib.ticker
 from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
 
-from production.paper.labels import COLORS, common_steps, fmt_bytes, label, short_policy
+from production.paper.labels import COLORS, common_steps, fmt_bytes, kv_label, label, short_policy
 from production.paper.results import CORE_EXPS
 
 DPI = 150
@@ -104,7 +104,7 @@ def plot_pareto(results: dict, path: Path) -> None:
         y, err = best["mean"], best["std"] or 0.0
         points = [(kv["fp16_bytes"], "o", "fp16")] if kv["fp16_bytes"] else []
         if kv["policy"] != "fp16":
-            points.append((kv["bytes"], "D", short_policy(kv["policy"])))
+            points.append((kv["bytes"], "D", kv_label(kv)))
         for x, marker, _ in points:
             ax.errorbar(
                 x,
@@ -119,7 +119,8 @@ def plot_pareto(results: dict, path: Path) -> None:
             )
         if len(points) == 2:
             ax.plot([points[0][0], points[1][0]], [y, y], color=color, lw=1, ls=":")
-        ax.annotate(label(a, steps), (points[-1][0], y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        name = label(a, steps) + (f" ({points[-1][2]})" if points[-1][1] == "D" else "")
+        ax.annotate(name, (points[-1][0], y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         shown += 1
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))  # 32 MiB, 64 MiB, ...
@@ -129,7 +130,7 @@ def plot_pareto(results: dict, path: Path) -> None:
     ax.set_xlabel(f"KV-cache bytes at {context:,} tokens (log scale)")
     over_seeds = ", mean ± std over seeds" if results["max_seeds"] >= 2 else ""
     ax.set_ylabel(f"best validation loss (nats){over_seeds}")
-    ax.set_title("Memory vs quality: filled = fp16 cache, hollow = quantized (Q4/Q8/Q4)")
+    ax.set_title("Memory vs quality: filled = fp16 cache, hollow = quantized (its policy in brackets)")
     ax.grid(alpha=0.3, which="both")
     if not shown:
         ax.text(0.5, 0.5, "no runs with mem128k.json", ha="center", va="center", transform=ax.transAxes)

@@ -31,7 +31,18 @@ def label(agg: dict, group_steps: int) -> str:
 
 
 def short_policy(policy: str) -> str:
-    return "fp16" if policy == "fp16" else "Q4/Q8/Q4" if policy == PAPER_POLICY else policy
+    if policy in ("fp16", PAPER_POLICY):
+        return "fp16" if policy == "fp16" else "Q4/Q8/Q4"
+    return f"per-layer, {policy.count('|') + 1} layer ranges" if "|" in policy else policy
+
+
+def kv_label(kv: dict) -> str:
+    """A run's measured cache policy in a few characters: fp16, Q4/Q8/Q4 (the paper's), or the tuner's choice
+    (or any other policy) by its average bits per cached value, scales and windows included."""
+    if kv["policy"] in ("fp16", PAPER_POLICY):
+        return short_policy(kv["policy"])
+    bits = f"{kv['bits_per_value']:.1f} bits/value"
+    return f"tuned, {bits}" if kv.get("tuned") else bits
 
 
 def fmt_bytes(n: int | None) -> str:

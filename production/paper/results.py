@@ -174,11 +174,15 @@ def mean_eval(evals: list[dict]) -> dict | None:
 
 def kv_numbers(mem: dict) -> dict:
     """KV bytes at the measured context: the run's policy, its fp16 cache, and ratios where decomposed."""
+    per_token = sum(s["width"] for s in mem["per_stream"].values()) * mem["model"]["n_layer"]
+    values = mem["context_len"] * mem["batch_size"] * per_token  # cached values, every layer and stream
     out = {
         "context_len": mem["context_len"],
         "policy": mem["policy"],
         "bytes": mem["measured_bytes"],
         "fp16_bytes": mem["measured_bytes"] if mem["policy"] == "fp16" else None,
+        "bits_per_value": 8 * mem["measured_bytes"] / values,
+        "tuned": "tuner" in mem,
         "standard_fp16_bytes": None,
         "ratios": None,
     }

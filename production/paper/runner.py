@@ -129,10 +129,16 @@ POST_EVAL_ARGS = ["--kv-policy", "auto", "--rope-scaling", "none,yarn"]
 
 
 def run_one(
-    plan: RunPlan, runs_dir: Path, manifest_path: Path, manifest_sha: str, device: str, post: tuple[str, ...] = ()
+    plan: RunPlan,
+    runs_dir: Path,
+    manifest_path: Path,
+    manifest_sha: str,
+    device: str,
+    post: tuple[str, ...] = (),
+    mem128k_policy: str = "default",
 ) -> RunResult:
     """Train the run (or resume it, or skip it when finished), then its `post` steps: "mem128k" (the 128k memory
-    report) and "eval" (eval.json), each only when its file is missing."""
+    report, of `mem128k_policy`: default or auto) and "eval" (eval.json), each only when its file is missing."""
     run = RunDir(runs_dir / plan.id)
     t0 = time.time()
     state = run.state()
@@ -151,7 +157,7 @@ def run_one(
     elif result.status != "failed":
         result.status, result.reason = "failed", "training ended without a done event"
     steps = {
-        "mem128k": (run.mem128k, mem128k_command(plan, run, device)),
+        "mem128k": (run.mem128k, mem128k_command(plan, run, device, mem128k_policy)),
         "eval": (run.eval, eval_command(run, device)),
     }
     for name in post:
@@ -166,8 +172,10 @@ def run_one(
     return finish(result, run, result.status, result.reason, t0)
 
 
-def mem128k_command(plan: RunPlan, run: RunDir, device: str) -> list[str]:
+def mem128k_command(plan: RunPlan, run: RunDir, device: str, policy: str = "default") -> list[str]:
     command = [sys.executable, str(MEM128K_SCRIPT), "--ckpt", str(run.best), "--device", device]
+    if policy == "auto":
+        command += ["--policy", "auto"]
     if plan.resolved["model"]["attn_mode"] == "decoupled":
         command.append("--decompose")
     return command

@@ -3,7 +3,7 @@ best validation loss over its seeds, KV cache at 128k, and its long-context numb
 
 from __future__ import annotations
 
-from production.paper.labels import common_steps, fmt_bytes, label, short_policy
+from production.paper.labels import common_steps, fmt_bytes, kv_label, label
 from production.paper.tables import long_context_cells, long_context_rows
 
 
@@ -28,7 +28,7 @@ def main_rows(results: dict) -> list[str]:
         reference = standard[0] if standard else None
         for a in members:
             kv = a.get("kv")
-            cache = "–" if kv is None else f"{fmt_bytes(kv['bytes'])} {short_policy(kv['policy'])}"
+            cache = "–" if kv is None else f"{fmt_bytes(kv['bytes'])} {kv_label(kv)}"
             ratio = "–" if kv is None or reference is None else f"{reference / kv['bytes']:.1f}×"
             params = "–" if "n_params" not in a else f"{a['n_params'] / 1e6:.1f}M"
             rows.append(

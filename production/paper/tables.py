@@ -3,7 +3,7 @@ result."""
 
 from __future__ import annotations
 
-from production.paper.labels import common_steps, fmt_bytes, label, short_policy
+from production.paper.labels import common_steps, fmt_bytes, kv_label, label
 from production.paper.results import CORE_EXPS
 
 
@@ -55,7 +55,7 @@ def table(results: dict, which: str, caption: str, tex_label: str) -> str:
             else:
                 loss = f"{best['mean']:.3f} $\\pm$ {best['std']:.3f} ({best['n']})"
             kv = a.get("kv")
-            kv_cell = "--" if kv is None else f"{fmt_bytes(kv['bytes'])} {short_policy(kv['policy'])}"
+            kv_cell = "--" if kv is None else f"{fmt_bytes(kv['bytes'])} {kv_label(kv)}"
             comp = "--" if kv is None or reference is None else f"{reference / kv['bytes']:.1f}$\\times$"
             params = "--" if "n_params" not in a else f"{a['n_params'] / 1e6:.1f}M"
             incomplete = len(a["runs_with_results"]) < len(a["runs"])
