@@ -79,13 +79,12 @@ def ref_q4_1_block(x: np.ndarray) -> bytes:
 
 
 def ref_q3_1_block(x: np.ndarray) -> bytes:
-    """Codes 8j .. 8j+7 in the little-endian 24-bit word of bytes 3j .. 3j+2, code 8j + i at bit 3i."""
+    """The low two bits of code 4j + i at bits 2i .. 2i+1 of byte j (8 bytes), then the high bit of code 8j + i at
+    bit i of byte 8 + j (4 bytes)."""
     scales, q = ref_affine_codes(x, 3)
-    out = bytearray()
-    for j in range(4):
-        word = sum(q[8 * j + i] << (3 * i) for i in range(8))
-        out += word.to_bytes(3, "little")
-    return scales + bytes(out)
+    low = bytes(sum((q[4 * j + i] & 3) << (2 * i) for i in range(4)) for j in range(8))
+    high = bytes(sum((q[8 * j + i] >> 2) << i for i in range(8)) for j in range(4))
+    return scales + low + high
 
 
 def ref_q2_1_block(x: np.ndarray) -> bytes:

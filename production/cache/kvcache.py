@@ -160,8 +160,8 @@ class ChannelQuantStream(QuantStream):
     def decode_tokens(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
         D, G = self.width, self.group
         g0, g1 = t0 // G, -(-t1 // G)
-        values = decode(self.scale[:, g0 * D : g1 * D], self.codes[:, g0 * D : g1 * D], self.spec.kind, dtype)
-        tokens = values.view(-1, g1 - g0, D, G).transpose(2, 3).reshape(-1, (g1 - g0) * G, D)
+        scale, codes = self.scale[:, g0 * D : g1 * D], self.codes[:, g0 * D : g1 * D]
+        tokens = decode(scale, codes, self.spec.kind, dtype, channels=D).view(-1, (g1 - g0) * G, D)
         return tokens[:, t0 - g0 * G : t1 - g0 * G]
 
 
