@@ -1,6 +1,9 @@
 import json
 
-from conftest import assert_user_error, call
+import pytest
+
+from conftest import TINY, assert_user_error, call, run_main
+from production.bench.compress import main as bench_compress
 from production.bench.decode import main as bench_decode
 from production.bench.decode import split_policies
 
@@ -15,6 +18,8 @@ def test_policy_lists_split_on_semicolons_or_repeated_keys():
         "k=q8_0@32,v=q8_0@32,resid=0",
         "k=q4_0,v=q4_0",
     ]
+    per_layer = "L0:fp16|L1-3:k=q2_1@64+rot,v=q3_1@64,resid=0"
+    assert split_policies(f"fp16;{per_layer};k=q4_0,v=q4_0") == ["fp16", per_layer, "k=q4_0,v=q4_0"]
 
 
 def test_bench_decode_json_rows():
@@ -36,3 +41,37 @@ def test_bench_decode_json_rows():
 def test_bench_decode_rejects_bad_context():
     assert_user_error(call(bench_decode, "--context", "0"), "--context needs positive integers")
     assert_user_error(call(bench_decode, "--context", "1k"), "--context needs positive integers")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, token_file):
+    out = tmp_path_factory.mktemp("compress") / "run"
+    proc = run_main(
+        "--mode", "train", *TINY, "--data", token_file, "--out-dir", out, "--steps", "2", "--eval-iters", "1"
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_bench_compress_reports_bytes_guard_and_speed_per_policy(tiny_ckpt, tmp_path):
+    q2 = "ksem=q2_1@64+rot,kgeo=q2_1@64+ch,v=q2_1@64,resid=0"
+    out = tmp_path / "c.json"
+    args = ["--ckpt", tiny_ckpt, "--policies", f"fp16;{q2};auto", "--context", "4096", "--decode-context", "96"]
+    proc = call(bench_compress, *args, "--steps", "1", "--rounds", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "| `fp16` | 192.0 | 16.00 | 1.3x |" in proc.stdout  # d_model 64: standard fp16 caches 2 x 64 values
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["fp16"]["decode_vs_fp16"] == 1 and rows["fp16"]["max_abs_logit"] == 0 and rows["fp16"]["passed"]
+    r = rows[q2]
+    assert r["policy"] == q2 and r["decode_ms_per_token"] > 0 and r["vs_standard_fp16"] > 4
+    assert r["bits_per_value"] == pytest.approx(2.5, abs=0.2)  # 2 bits + 32 scale bits per 64, plus rotations
+    auto = rows["auto"]
+    assert auto["passed"] and auto["policy"] == report["auto"]["policy"] and report["sensitivity"]["probes"]
+    assert auto["bytes"] <= rows["fp16"]["bytes"] and report["calibration"]["source"].startswith("validation")
+
+
+def test_bench_compress_checks_policies_first(tiny_ckpt, tmp_path):
+    proc = call(bench_compress, "--ckpt", tiny_ckpt, "--policies", "fp16;ksem=q9_0", "--out", tmp_path / "c.json")
+    assert_user_error(proc, "unknown KV cache kind 'q9_0'")
+    assert not (tmp_path / "c.json").exists()

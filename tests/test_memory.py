@@ -100,3 +100,17 @@ def test_checkpoints_baseline_and_decode_step(tmp_path, token_file):
     for config in ("standard_fp16", "decoupled_fp16", "candidate"):
         assert d[config]["decode_step"]["ms"] > 0 and d[config]["decode_step"]["context"] == 511
     assert report["source"]["exp"] == "paper_decoupled" and report["context_len"] == 512
+    # --policy auto: the tuner's guarded choice for this checkpoint at the measured context
+    out, store = tmp_path / "auto.json", tmp_path / "tuner.json"
+    args = ["--ckpt", runs["paper_decoupled"] / "best.pt", "--policy", "auto", "--context-len", "4096"]
+    proc = run_mem(*args, "--device", "cpu", "--out", out, "--tuner-store", store)
+    assert proc.returncode == 0, proc.stderr
+    auto = json.loads(out.read_text())
+    jsonschema.validate(auto, SCHEMA)
+    assert auto["tuner"]["policy"] == auto["policy"] and auto["tuner"]["source"] == "search"
+    assert auto["measured_bytes"] == auto["estimate_bytes"] == auto["tuner"]["bytes"]
+    assert auto["tuner"]["guard"]["max_abs_logit"] <= 0.5 and auto["measured_bytes"] < 4096 * 96 * 2
+    again = run_mem(*args, "--device", "cpu", "--out", tmp_path / "again.json", "--tuner-store", store)
+    assert json.loads((tmp_path / "again.json").read_text())["tuner"]["source"] == "store", again.stderr
+    proc = run_mem("--size", "nano", "--exp", "paper_decoupled", "--policy", "auto", "--out", tmp_path / "x.json")
+    assert_user_error(proc, "--policy auto asks the tuner about a trained model: give --ckpt")

@@ -53,6 +53,10 @@ def test_text_and_json_output(ckpt):
         *"--max-new-tokens 6 --kv-policy ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2 --seed 3 --top-k 20".split(),
     )
     assert again["generated_ids"] == r["generated_ids"]  # seeded
+    compressed = "L0:ksem=q2_1@32+rot,kgeo=q4_1@8+ch,v=q3_1@32+rot5,resid=2"  # new kinds, rotations, a range
+    c = sample_json(ckpt, "--prompt-tokens", "464 3290 318", "--max-new-tokens", "20", "--kv-policy", compressed)
+    assert c["kv_policy"] == "ksem=q2_1@32+rot,kgeo=q4_1@8+ch,v=q3_1@32+rot5,resid=2"  # one layer: no range
+    assert len(c["generated_ids"]) == 20 and 0 < c["cache_bytes"] < 32 * (16 + 32 + 48) * 2  # below fp16's
 
 
 def test_fp16_cache_and_recompute_agree_through_the_cli(ckpt):
@@ -74,6 +78,14 @@ def test_fp16_cache_and_recompute_agree_through_the_cli(ckpt):
         (
             ["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "ksem=q2_0,kgeo=q8_0,v=q8_0"],
             "unknown KV cache kind",
+        ),
+        (["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "L0-1:fp16"], "goes past the model's layers L0-0"),
+        (["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "L0:fp16|L0:fp16"], "sets layer 0 twice"),
+        (["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "L0 fp16|L1:fp16"], "bad layer range"),
+        (["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "ksem=q2_1@6,kgeo=q8_0,v=q8_0"], "multiple of 4"),
+        (
+            ["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "ksem=q4_0+ch+ch,kgeo=q8_0,v=q8_0"],
+            "bad modifier +ch",
         ),
         (["--prompt", "hi", "--steps", "4"], "--steps does not apply to --mode sample"),
         (["--prompt", "hi", "--temperature", "0"], "temperature must be > 0"),

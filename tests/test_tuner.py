@@ -200,6 +200,10 @@ def test_sample_auto_searches_then_hits_the_store_and_show_lists_it(tmp_path, to
     assert strict["tuner"]["source"] == "search"
     show = call(tune_main, "show", "--store", store)
     assert show.returncode == 0 and "policy" in show.stdout and "train" in show.stdout
+    assert "sensitivity: one stream of one layer quantized" in show.stdout  # the probes behind the choice
+    assert re.search(r"L0 k_sem +\S+ +[-+]\d\.\d{4}", show.stdout) and "L0 v" in show.stdout
+    every = call(tune_main, "show", "--store", store, "--all")
+    assert every.stdout.count("q2_1@64+rot") >= 3  # every probe: each stream under each spec
     clear = call(tune_main, "clear", "--store", store)
     assert clear.returncode == 0 and re.search(r"cleared \d+ decision", clear.stdout)
     assert DecisionStore(store).entries() == {}
