@@ -1,7 +1,7 @@
 # Short helpers; every target also works as the plain command shown in README.md.
 PYTHON ?= python
 
-.PHONY: install install-prepare demo test test-slow lint bench bench-gpu paper reference
+.PHONY: install install-prepare demo test test-slow lint bench bench-compress bench-gpu paper reference
 
 install:  ## torch 2.13.0 only when no torch is installed (keeps your CUDA/MPS build), then the rest
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
@@ -26,6 +26,9 @@ lint:
 
 bench:  ## decoupled / bottleneck / gqa step time vs standard at small dims, CPU fp32
 	$(PYTHON) -m production.bench.train --size small --block 256 --batch-size 1 --steps 4 --rounds 3 --device cpu --dtype fp32
+
+bench-compress:  ## KV cache policies on the demo model (make demo first): bytes, guard, decode speed; about 1 min
+	$(PYTHON) -m production.bench.compress --ckpt runs/nano_paper_decoupled_s1337
 
 bench-gpu:  ## the GPU checks, in one go (CUDA tests, bf16 step benchmark, decode, 128k memory, torchrun ddp/fsdp)
 	$(PYTHON) -m pytest -q -m cuda
