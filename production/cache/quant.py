@@ -203,6 +203,13 @@ def encode(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, _pack(q, FORMATS[kind].bits)
 
 
+@functools.cache
+def _nf4_pair_table(dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Row b: the codebook values of the two nf4 codes in cache-layout byte b (low nibble first)."""
+    b = torch.arange(256)
+    return torch.stack([NF4_CODEBOOK[b & 15], NF4_CODEBOOK[b >> 4]], dim=-1).to(dtype=dtype, device=device)
+
+
 def _levels(codes: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """Cache-layout codes (..., n_blocks, code_bytes) -> the unscaled levels (..., n_blocks, qb): int8 for q8_0
     and q4_0 (whose -8 is applied to the uint8 codes, wrapping to -8..7, so no float pass is spent on it), the
@@ -211,10 +218,9 @@ def _levels(codes: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
         return codes
     if kind == "q4_0":
         return _unpack_pairs(codes).sub_(8).view(torch.int8)
-    if kind == "nf4":  # index_select with int32 indices: faster on CPU than indexing with int64
-        index = _unpack_pairs(codes).int()
-        values = NF4_CODEBOOK.to(device=codes.device, dtype=dtype).index_select(0, index.reshape(-1))
-        return values.view(index.shape)
+    if kind == "nf4":  # one lookup per byte of two codes (index_select with int32 indices: fastest on CPU)
+        values = _nf4_pair_table(dtype, str(codes.device)).index_select(0, codes.int().reshape(-1))
+        return values.view(*codes.shape[:-1], 2 * codes.shape[-1])
     return _unpack(codes, FORMATS[kind].bits)
 
 
