@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from production.cache.kvcache import LayerCache
+from production.cache.kvcache import ChannelQuantStream, LayerCache
 from production.cache.rotation import rotate_heads
 
 IMPLS = ("auto", "bmm", "blockdiag")
@@ -33,6 +33,22 @@ def _scores(q: torch.Tensor, k: torch.Tensor, impl: str) -> torch.Tensor:
     eye = torch.eye(Hkv, device=q.device, dtype=q.dtype)
     q_bd = torch.einsum("bkrd,kl->bkrld", q, eye).reshape(B, Hkv * R, Hkv * d)  # block-diagonal queries
     return (q_bd @ k.transpose(1, 2)).view(B, Hkv, R, C)  # k read transposed in place, output contiguous
+
+
+def _channel_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (B, Hkv, R, d), k as a per-channel stream stores whole groups, (B, groups, Hkv * d, G) -> (B, Hkv, R,
+    groups * G). Each group's (d, G) block per head is already k^T: one batched matmul, no reordering of keys."""
+    B, Hkv, R, d = q.shape
+    n_groups, G = k.shape[1], k.shape[-1]
+    s = q[:, None] @ k.view(B, n_groups, Hkv, d, G)  # (B, groups, Hkv, R, G)
+    return s.permute(0, 2, 3, 1, 4).reshape(B, Hkv, R, n_groups * G)
+
+
+def _stream_scores(q: torch.Tensor, stream, t0: int, t1: int, impl: str) -> torch.Tensor:
+    """Scores of q (B, Hkv, R, d) against the keys of tokens [t0, t1) of one stream."""
+    if isinstance(stream, ChannelQuantStream) and stream.whole_groups(t0, t1):
+        return _channel_scores(q, stream.read_groups(t0, t1, torch.float32))
+    return _scores(q, stream.read(t0, t1, torch.float32), impl)
 
 
 def _weighted_values(p: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
@@ -95,7 +111,7 @@ def attend_cache(
 
     for t0, t1 in cache.chunks():
         scores = sum(
-            _scores(qs[name], cache.streams[name].read(t0, t1, torch.float32), impls[name]) for name in qs
+            _stream_scores(qs[name], cache.streams[name], t0, t1, impls[name]) for name in qs
         )  # (B, Hkv, g * Tq, C)
         if t1 > n - Tq:  # the chunk holds some of the new tokens: mask keys after each query
             key_pos = torch.arange(t0, t1, device=first.device)

@@ -157,6 +157,18 @@ class ChannelQuantStream(QuantStream):
         B, n, D = x.shape
         return x.view(B, n // self.group, self.group, D).transpose(2, 3).reshape(B, -1, self.group)
 
+    def whole_groups(self, t0: int, t1: int) -> bool:
+        """Whether tokens [t0, t1) are whole quantized groups (readable by read_groups)."""
+        return t0 % self.group == 0 and t1 % self.group == 0 and t1 <= self.n_q
+
+    def read_groups(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Whole quantized groups of tokens [t0, t1) as stored, channel-major: (B, groups, D, G). Keys in this
+        layout are already transposed for q @ k^T, so attention reads them without reordering
+        (production.cache.attend)."""
+        D, G = self.width, self.group
+        scale, codes = self.scale[:, t0 // G * D : t1 // G * D], self.codes[:, t0 // G * D : t1 // G * D]
+        return decode(scale, codes, self.spec.kind, dtype).view(-1, (t1 - t0) // G, D, G)
+
     def decode_tokens(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
         D, G = self.width, self.group
         g0, g1 = t0 // G, -(-t1 // G)
@@ -219,9 +231,12 @@ class LayerCache:
 
     def chunks(self) -> list[tuple[int, int]]:
         """Token ranges covering [0, length) for attention: `chunk_tokens` at a time over the part every stream
-        holds quantized (pure dequantization), then the exact windows in one final range."""
+        holds quantized (pure dequantization, ending on a whole group of every per-channel stream), then the rest
+        in one final range."""
         n = self.length
         split = min([s.n_q for s in self.streams.values() if isinstance(s, QuantStream)], default=n)
+        groups = [s.group for s in self.streams.values() if isinstance(s, ChannelQuantStream)]
+        split -= split % math.lcm(*groups) if groups else 0
         bounds = sorted({*range(0, split, self.chunk_tokens), split, n} - {0} | {0})
         return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
