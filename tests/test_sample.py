@@ -87,6 +87,8 @@ def test_fp16_cache_and_recompute_agree_through_the_cli(ckpt):
             ["--prompt", "hi", "--max-new-tokens", "4", "--kv-policy", "ksem=q4_0+ch+ch,kgeo=q8_0,v=q8_0"],
             "bad modifier +ch",
         ),
+        (["--prompt", "hi", "--max-new-tokens", "4", "--guard-ppl", "1"], "--guard-ppl > 1"),
+        (["--prompt", "hi", "--max-new-tokens", "4", "--guard-max-logit", "0"], "--guard-max-logit > 0"),
         (["--prompt", "hi", "--steps", "4"], "--steps does not apply to --mode sample"),
         (["--prompt", "hi", "--temperature", "0"], "temperature must be > 0"),
     ],

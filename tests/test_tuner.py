@@ -145,10 +145,9 @@ def test_corrupt_store_is_set_aside_not_reused(tmp_path, capsys):
 
 
 def test_decode_plan_is_measured_then_remembered(tmp_path):
-    model = GPT(resolve_model("nano", "paper_decoupled", {"n_layer": 1})).eval()
-    cache = model.new_cache(
-        parse_policy("ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=16", list(cache_widths(model.cfg)), 1), 1, 3000
-    )
+    model = GPT(resolve_model("nano", "paper_decoupled", {"n_layer": 3})).eval()
+    policy = "L0:fp16|L1-2:ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=16"  # timed once per distinct layer policy
+    cache = model.new_cache(parse_policy(policy, list(cache_widths(model.cfg)), 3), 1, 3000)
     fill_random(cache, 2500, torch.Generator().manual_seed(0))
     store = DecisionStore(tmp_path / "t.json")
     first = plan_decode(cache, 4, 4, "cpu", "cpu:test", store)
@@ -196,6 +195,8 @@ def test_sample_auto_searches_then_hits_the_store_and_show_lists_it(tmp_path, to
     assert a["tuner"]["calibration"]["source"].startswith("validation split of")  # the run's data is here
     b = json.loads(run_main(*args).stdout)
     assert b["tuner"]["source"] == "store" and b["tuner"]["policy"] == a["tuner"]["policy"]
+    keys = [k for k in DecisionStore(store).entries() if k.startswith("policy")]
+    assert keys and all('"search": 2' in k for k in keys)  # decisions of an earlier search are never reused
     strict = json.loads(run_main(*args, "--guard-max-logit", "0.0001").stdout)  # other limits: another decision
     assert strict["tuner"]["source"] == "search"
     show = call(tune_main, "show", "--store", store)

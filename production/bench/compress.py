@@ -6,10 +6,11 @@ For every policy (a fixed set of uniform kinds, the paper's, a KIVI-style one, a
 at --context tokens, `auto`):
 - bytes per cached token per layer at --context (windows and rotation matrices included), bits per cached
   value, and the ratio to the standard-attention fp16 cache of the same d_model and n_layer;
-- the tuner's guard against an fp16 cache on the run's validation tokens (production.tune.guard: prefill 512,
-  64 teacher-forced decode steps): max |delta logit|, delta NLL, perplexity ratio, passed;
+- the tuner's guard against an fp16 cache on the run's validation tokens (production.tune.guard, calibrated as
+  --kv-policy auto is): max |delta logit|, delta NLL, perplexity ratio, passed;
 - ms per decoded token at --decode-context tokens of random K/V, all rows timed round-robin in this process,
-  and the ratio to the decoupled fp16 cache.
+  and the ratio to the model's fp16 cache (the decoupled fp16 cache for decoupled models; an fp16 row is always
+  measured).
 Writes one JSON file and prints a Markdown table.
 """
 
@@ -71,7 +72,8 @@ def measure(model, ckpt: dict, policies: list[str], context: int, decode_context
     """The rows of the report (see the module docstring); `auto` is searched first, then judged like the rest."""
     cfg = model.cfg
     widths, heads, streams = cache_widths(cfg), cfg.kv_heads, list(cache_widths(cfg))
-    tokens, prefill, source = calibration_tokens(ckpt["config"].get("data", {}), [], context, CORPUS_CACHE_DIR)
+    data = ckpt["config"].get("data", {})
+    tokens, prefill, source = calibration_tokens(data, [], context, cfg.block_size, CORPUS_CACHE_DIR)
     tokens = tokens.to(runtime.device)
     judge = Judge(model, tokens, prefill, context, GuardLimits(), runtime.autocast)
     standard = context * cfg.n_layer * 2 * cfg.d_model * 2  # the standard-attention fp16 cache of these dims
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     streams = list(cache_widths(model.cfg))
     texts = [t.strip() for t in args.policies.split(";") if t.strip()] if args.policies else None
-    texts = texts or default_policies(streams, args.resid)
+    texts = list(dict.fromkeys(texts or default_policies(streams, args.resid)))
+    texts = texts if "fp16" in texts else ["fp16", *texts]  # the decode ratios' baseline
     for text in texts:  # every policy checked before anything is measured
         if text != "auto":
             parse_policy(text, streams, model.cfg.n_layer)

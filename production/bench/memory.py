@@ -26,14 +26,14 @@ from production.config.sampling import MAX_CANDIDATES, GuardLimits
 from production.core.atomic import write_json
 from production.core.entry import Parser, command
 from production.core.errors import UserError
-from production.core.layout import DEFAULT_TUNER_STORE, RunDir, default_mem128k_path
+from production.core.layout import DEFAULT_TUNER_STORE, RunDir, checkpoint_file, default_mem128k_path
 from production.core.runtime import RuntimeConfig, device_name, resolve_runtime
 from production.data.corpus import CORPUS_CACHE_DIR
 from production.model.attention import cache_widths
 from production.model.config import ModelConfig, standard_counterpart
 from production.model.gpt import GPT
 from production.train.checkpoint import load_checkpoint, load_model, model_config
-from production.tune.auto import AutoRequest, auto_policy
+from production.tune.auto import SUMMARY_KEYS, AutoRequest, auto_policy
 from production.tune.store import DecisionStore
 
 SCHEMA = "dba.mem128k/1"
@@ -108,6 +108,16 @@ def decomposition(cfg, ckpt, policy: str, candidate: dict, baseline: tuple | Non
     }
 
 
+def check_request(cfg: ModelConfig, decompose: bool, baseline: tuple | None) -> None:
+    if decompose and cfg.attn_mode != "decoupled":
+        raise UserError(
+            f"--decompose needs a decoupled model; this one is {cfg.attn_mode} (measure it without "
+            "--decompose, or pass it as --baseline-ckpt of a decoupled run)"
+        )
+    if baseline is not None and baseline[0].attn_mode != "standard":
+        raise UserError(f"--baseline-ckpt must be a standard-attention run, got {baseline[0].attn_mode}")
+
+
 def mem128k_report(
     cfg: ModelConfig,
     ckpt: dict | None,
@@ -118,15 +128,9 @@ def mem128k_report(
     setting: Setting,
 ) -> dict:
     """The dba.mem128k/1 record. `baseline`: (config, checkpoint, path) of a trained standard run, or None."""
-    if decompose and cfg.attn_mode != "decoupled":
-        raise UserError(
-            f"--decompose needs a decoupled model; this one is {cfg.attn_mode} (measure it without "
-            "--decompose, or pass it as --baseline-ckpt of a decoupled run)"
-        )
+    check_request(cfg, decompose, baseline)
     policy = policy or (PAPER_POLICY if cfg.attn_mode == "decoupled" else "fp16")
     parse_policy(policy, list(cache_widths(cfg)), cfg.n_layer)  # fail on a bad policy before allocating anything
-    if baseline is not None and baseline[0].attn_mode != "standard":
-        raise UserError(f"--baseline-ckpt must be a standard-attention run, got {baseline[0].attn_mode}")
     candidate = measure(cfg, ckpt, policy, setting)
     report = {
         "schema": SCHEMA,
@@ -170,7 +174,7 @@ def summary_line(report: dict) -> str:
 
 def build_parser() -> Parser:
     p = Parser(prog="python production/bench_end_to_end_memory.py", description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", type=Path, help="run checkpoint whose config to measure (runs/<id>/best.pt)")
+    p.add_argument("--ckpt", type=Path, help="checkpoint (or run directory) whose config to measure (runs/<id>)")
     p.add_argument("--size", help=f"size preset instead of --ckpt: {', '.join(SIZES)}")
     p.add_argument("--exp", help=f"experiment preset instead of --ckpt: {', '.join(EXPERIMENTS)}")
     p.add_argument("--context-len", type=int, default=131072, help="tokens the cache holds")
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = resolve_runtime(args.device, "fp32" if args.device == "cpu" else args.dtype, compile=False)
     setting = Setting(args.context_len, args.batch_size, args.decode_step, runtime)
     if args.ckpt is not None:
+        args.ckpt = checkpoint_file(args.ckpt)  # a run directory names its best.pt
         cfg, ckpt = config_from_ckpt(args.ckpt)
         source = {"ckpt": str(args.ckpt), "size": ckpt["config"].get("size"), "exp": ckpt["config"].get("exp")}
         out = args.out or RunDir(args.ckpt.parent).mem128k
@@ -214,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     if policy == "auto":
         if args.ckpt is None:
             raise UserError("--policy auto asks the tuner about a trained model: give --ckpt")
+        check_request(cfg, args.decompose, baseline)  # before the search, which takes a while
         policy, tuner = tuned_policy(args.ckpt, args.context_len, runtime, args.tuner_store)
     report = mem128k_report(cfg, ckpt, source, policy, args.decompose, baseline, setting)
     if tuner is not None:
-        report["tuner"] = {k: tuner[k] for k in ("source", "policy", "bytes", "guard", "limits", "candidates_tried")}
+        report["tuner"] = {k: tuner[k] for k in SUMMARY_KEYS}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     print(summary_line(report))

@@ -5,6 +5,7 @@ A block of qb values stores fp16 scales and qb codes of `bits` bits:
 - symmetric formats (`scales` = 1) store d: q8_0 and q4_0 (llama.cpp) and nf4 (QLoRA's codebook);
 - affine formats (`scales` = 2) store d and the block minimum m, value = m + q * d: q4_1 (llama.cpp) and this
   project's 3- and 2-bit siblings q3_1 and q2_1, which follow q4_1's recipe with 8 and 4 levels.
+q8_0, q4_0 and q4_1 are bit-exact with llama.cpp's reference quantizers (production.cache.quant).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ class BlockFormat:
     bits: int  # bits per code
     scales: int  # fp16 numbers per block: 1 (d) or 2 (d, m)
     qb_multiple: int  # block sizes must be multiples of this, so codes fill whole bytes
-    llama: bool  # bit-exact with llama.cpp's reference quantizer
 
     def code_bytes(self, qb: int) -> int:
         return qb * self.bits // 8
@@ -27,11 +27,11 @@ class BlockFormat:
 
 
 FORMATS = {
-    "q8_0": BlockFormat(bits=8, scales=1, qb_multiple=2, llama=True),
-    "q4_0": BlockFormat(bits=4, scales=1, qb_multiple=2, llama=True),
-    "q4_1": BlockFormat(bits=4, scales=2, qb_multiple=2, llama=True),
-    "nf4": BlockFormat(bits=4, scales=1, qb_multiple=2, llama=False),
-    "q3_1": BlockFormat(bits=3, scales=2, qb_multiple=8, llama=False),
-    "q2_1": BlockFormat(bits=2, scales=2, qb_multiple=4, llama=False),
+    "q8_0": BlockFormat(bits=8, scales=1, qb_multiple=2),
+    "q4_0": BlockFormat(bits=4, scales=1, qb_multiple=2),
+    "q4_1": BlockFormat(bits=4, scales=2, qb_multiple=2),
+    "nf4": BlockFormat(bits=4, scales=1, qb_multiple=2),
+    "q3_1": BlockFormat(bits=3, scales=2, qb_multiple=8),
+    "q2_1": BlockFormat(bits=2, scales=2, qb_multiple=4),
 }
 QUANT_KINDS = tuple(FORMATS)

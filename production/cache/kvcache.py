@@ -11,7 +11,8 @@
 
 Every stream has the same contract: `append(x)` with x (B, T, D), `read(t0, t1, dtype)` -> (B, t1 - t0, D),
 `nbytes()`. Values enter quantized streams rounded to fp16 first, so a token quantizes to the same bytes whether it
-arrived in a prefill or a decode step. Plain streams store values in their own dtype.
+arrived in a prefill or a decode step (a rotated one up to the last fp32 bit of its rotation, a product computed
+batched or alone). Plain streams store values in their own dtype.
 """
 
 from __future__ import annotations
@@ -29,11 +30,6 @@ from production.cache.rotation import rotate, stream_rotation
 # on a 2-core CPU); the tuner's decode plan may choose per device and context.
 DEFAULT_CHUNK_TOKENS = 8192
 PLAIN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def group_tokens(width: int, qb: int) -> int:
-    """Tokens per quantization group: the fewest whole tokens whose values fill whole blocks."""
-    return math.lcm(width, qb) // width
 
 
 class PlainStream:
@@ -75,14 +71,15 @@ class QuantStream:
         fmt = FORMATS[spec.kind]
         scale_shape = (batch, n_blocks) if fmt.scales == 1 else (batch, n_blocks, fmt.scales)
         self.scale = torch.zeros(scale_shape, dtype=torch.float16, device=device)
-        code_dtype = torch.int8 if spec.kind == "q8_0" else torch.uint8
+        code_dtype = torch.int8 if fmt.bits == 8 else torch.uint8
         self.codes = torch.zeros(batch, n_blocks, code_bytes(spec.kind, spec.qb), dtype=code_dtype, device=device)
         self.window = torch.zeros(batch, resid + self.group - 1, width, dtype=torch.float16, device=device)
         self.length = self.n_q = 0
 
     @staticmethod
     def group_tokens(width: int, qb: int) -> int:
-        return group_tokens(width, qb)
+        """Tokens per quantization group: the fewest whole tokens whose values fill whole blocks."""
+        return math.lcm(width, qb) // width
 
     @classmethod
     def n_blocks(cls, max_seq: int, width: int, qb: int) -> int:
@@ -283,15 +280,6 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
-
-    def nbytes_by_stream(self) -> dict[str, int]:
-        return {
-            name: sum(
-                layer.streams[name].nbytes() + (R.nbytes if (R := layer.rotations.get(name)) is not None else 0)
-                for layer in self.layers
-            )
-            for name in self.widths
-        }
 
 
 @torch.no_grad()

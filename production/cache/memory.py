@@ -13,7 +13,7 @@ import time
 import torch
 
 from production.cache.kvcache import KVCache, estimate_bytes, fill_random
-from production.cache.policy import KVPolicy, LayerPolicy
+from production.cache.policy import KVPolicy, LayerPolicy, layer_range
 from production.core.runtime import peak_rss_bytes, synchronize
 
 
@@ -62,7 +62,7 @@ def stream_kinds(policy: KVPolicy, name: str) -> str:
     runs = KVPolicy(tuple(LayerPolicy({name: layer.streams[name]}) for layer in policy.layers)).ranges()
     if len(runs) == 1:
         return str(runs[0][2].streams[name])
-    return "|".join(f"L{a}{'' if a == b else f'-{b}'}:{layer.streams[name]}" for a, b, layer in runs)
+    return "|".join(f"{layer_range(a, b)}:{layer.streams[name]}" for a, b, layer in runs)
 
 
 def measure_cache(

@@ -91,7 +91,12 @@ class KVPolicy:
         ranges = self.ranges()
         if len(ranges) == 1:
             return str(ranges[0][2])
-        return "|".join(f"L{a}{'' if a == b else f'-{b}'}:{layer}" for a, b, layer in ranges)
+        return "|".join(f"{layer_range(a, b)}:{layer}" for a, b, layer in ranges)
+
+
+def layer_range(first: int, last: int) -> str:
+    """`L2` or `L0-3`, as policies and reports name layer ranges."""
+    return f"L{first}" if first == last else f"L{first}-{last}"
 
 
 def parse_policy(text: str, streams: list[str], n_layer: int) -> KVPolicy:
@@ -105,9 +110,11 @@ def parse_policy(text: str, streams: list[str], n_layer: int) -> KVPolicy:
         segment = segment.strip()
         m = re.fullmatch(r"L(\d+)(?:-(\d+))?:(.+)", segment, flags=re.S)
         if not m:
+            example = f"L0:fp16|L1-{n_layer - 1}:" if n_layer > 2 else "L0:fp16|L1:" if n_layer == 2 else "L0:"
+            example += PAPER_POLICY if "k_sem" in streams else "k=q8_0,v=q8_0"
             raise UserError(
                 f"bad layer range {segment!r} in KV policy {text!r}; expected L<first>[-<last>]:<policy>, e.g. "
-                f"L0-1:fp16|L2-{max(2, n_layer - 1)}:{PAPER_POLICY if 'k_sem' in streams else 'k=q8_0,v=q8_0'}"
+                f"{example}"
             )
         first = int(m.group(1))
         last = first if m.group(2) is None else int(m.group(2))
@@ -140,7 +147,7 @@ def parse_layer_policy(text: str, streams: list[str]) -> LayerPolicy:
     example = ",".join(f"{k}=q8_0@32" for k in valid_keys) + ",resid=0"
     specs, resid, seen = {}, 0, set()
     for item in text.split(","):
-        key, sep, value = item.strip().partition("=")
+        key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not value:
             raise UserError(f"bad KV policy item {item.strip()!r} in {text!r}; expected key=value, e.g. {example}")
         if key in seen:

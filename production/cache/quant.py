@@ -188,12 +188,11 @@ def _codes(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         y = x * _safe_reciprocal(d) + 8.5
         q = torch.where(torch.isfinite(y), torch.trunc(y), torch.zeros_like(y)).clamp(max=15)
         return d.squeeze(-1).half(), q.to(torch.uint8)
-    if kind == "nf4":
-        scale = x.abs().amax(dim=-1, keepdim=True).half()  # normalise by the stored (fp16) absmax
-        y = (x * _safe_reciprocal(scale.float())).clamp(-1, 1)
-        q = torch.bucketize(y, NF4_MIDPOINTS.to(x.device))  # nearest codebook entry
-        return scale.squeeze(-1), q.to(torch.uint8)
-    raise ValueError(f"unknown quantization kind {kind!r}; valid: {', '.join(QUANT_KINDS)}")
+    # nf4
+    scale = x.abs().amax(dim=-1, keepdim=True).half()  # normalise by the stored (fp16) absmax
+    y = (x * _safe_reciprocal(scale.float())).clamp(-1, 1)
+    q = torch.bucketize(y, NF4_MIDPOINTS.to(x.device))  # nearest codebook entry
+    return scale.squeeze(-1), q.to(torch.uint8)
 
 
 def encode(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

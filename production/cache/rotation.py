@@ -76,11 +76,14 @@ def stream_rotation(heads: int, d: int, seed: int, layer: int, stream: str) -> t
 
 
 def rotate(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """x (..., heads * d) -> x @ R per head, float32; R (heads, d, d)."""
+    """x (..., heads * d) -> x @ R per head, float32; R (heads, d, d). In fp32 even under autocast: the rotated
+    values are what gets rounded and quantized."""
     heads, d, _ = R.shape
-    return torch.einsum("...hd,hde->...he", x.float().unflatten(-1, (heads, d)), R).flatten(-2)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.einsum("...hd,hde->...he", x.float().unflatten(-1, (heads, d)), R).flatten(-2)
 
 
 def rotate_heads(x: torch.Tensor, R: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """x (B, heads, T, d) -> x @ R (or x @ R^T) per head."""
-    return torch.einsum("bhtd,hed->bhte" if inverse else "bhtd,hde->bhte", x, R)
+    """x (B, heads, T, d) float32 -> x @ R (or x @ R^T) per head, in fp32 even under autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.einsum("bhtd,hed->bhte" if inverse else "bhtd,hde->bhte", x, R)

@@ -18,22 +18,9 @@ from production.model.attention import cache_widths
 from production.sample.generate import generate
 from production.sample.prompt import prompt_ids
 from production.train.checkpoint import load_model
-from production.tune.auto import AutoRequest, auto_policy
+from production.tune.auto import SUMMARY_KEYS, AutoRequest, auto_policy
 from production.tune.decode import plan_decode
 from production.tune.store import DecisionStore
-
-TUNER_KEYS = (
-    "source",
-    "policy",
-    "bytes",
-    "fp16_bytes",
-    "guard",
-    "limits",
-    "candidates_tried",
-    "seconds",
-    "counterfactuals",
-    "calibration",
-)
 
 
 def run(values: dict, argv: list[str]) -> int:
@@ -93,7 +80,7 @@ def run(values: dict, argv: list[str]) -> int:
         "decode_plan": result["decode_plan"],
     }
     if tuner is not None:
-        report["tuner"] = {k: tuner[k] for k in TUNER_KEYS}
+        report["tuner"] = {k: tuner[k] for k in SUMMARY_KEYS}
     print(json.dumps(report))
     return 0
 

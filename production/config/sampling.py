@@ -34,6 +34,13 @@ class GuardLimits:
     delta_nll: float = 0.02  # mean delta NLL of the true next token, nats
     ppl_ratio: float = 1.02  # exp(mean delta NLL)
 
+    def __post_init__(self):
+        if not (self.max_abs_logit > 0 and self.delta_nll > 0 and self.ppl_ratio > 1):
+            raise UserError(
+                "the quality guard needs --guard-max-logit > 0, --guard-nll > 0 and --guard-ppl > 1 (a policy that "
+                f"must match fp16 exactly is fp16), got {self.max_abs_logit}, {self.delta_nll}, {self.ppl_ratio}"
+            )
+
     def to_dict(self) -> dict:
         return asdict(self)
 

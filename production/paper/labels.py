@@ -42,7 +42,7 @@ def kv_label(kv: dict) -> str:
     if kv["policy"] in ("fp16", PAPER_POLICY):
         return short_policy(kv["policy"])
     bits = f"{kv['bits_per_value']:.1f} bits/value"
-    return f"tuned, {bits}" if kv.get("tuned") else bits
+    return f"tuned, {bits}" if kv["tuned"] else bits
 
 
 def fmt_bytes(n: int | None) -> str:

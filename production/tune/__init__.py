@@ -1,2 +1,3 @@
 """Self-optimization: the decision store (store, and `python -m production.tune show|clear`), training-runtime
-decisions (training), the cache-policy search (policy, auto) and the decode plan (decode)."""
+decisions (training), the cache-policy guard, sensitivities and search (guard, sensitivity, policy, auto) and
+the decode plan (decode)."""

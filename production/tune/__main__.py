@@ -57,7 +57,7 @@ def sensitivity_lines(decision: dict, every_probe: bool) -> list[str]:
                 f"{table[(layer, stream, s)]['delta_nll']:>+9.4f}" if (layer, stream, s) in table else f"{'-':>9}"
                 for s in REFERENCE_SPECS
             )
-            lines.append(f"    {f'L{layer} {stream}':<10}{spec:<18}{own}            {refs}")
+            lines.append(f"    {f'L{layer} {stream}':<10}{spec:<18}{own}           {refs}")
     return lines
 
 

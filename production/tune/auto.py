@@ -19,6 +19,20 @@ from production.tune.policy import search_policy
 from production.tune.store import DecisionStore, config_hash
 
 CALIBRATION_PREFILL, CALIBRATION_DECODE = 512, 64
+SEARCH_VERSION = 2  # part of a stored decision's key: decisions of an earlier search are not reused
+# what commands report of a policy decision (sample's --json, mem128k's `tuner`); the rest stays in the store
+SUMMARY_KEYS = (
+    "source",
+    "policy",
+    "bytes",
+    "fp16_bytes",
+    "guard",
+    "limits",
+    "candidates_tried",
+    "seconds",
+    "counterfactuals",
+    "calibration",
+)
 
 
 @dataclass(frozen=True)
@@ -48,12 +62,16 @@ def _validation_window(stream: TokenStream, n: int) -> torch.Tensor | None:
     return torch.from_numpy(stream.window(len(stream) - n_val, n))[None]
 
 
-def calibration_tokens(data: dict, prompt: list[int], max_seq: int, cache_dir: Path) -> tuple[torch.Tensor, int, str]:
+def calibration_tokens(
+    data: dict, prompt: list[int], max_seq: int, block: int, cache_dir: Path
+) -> tuple[torch.Tensor, int, str]:
     """Real tokens for the guard: the validation split of the run's data (`data`, its resolved-config record) if
-    it is here, else the prompt tiled, else the embedded corpus. Returns (1, prefill + decode + 1) ids, the
-    prefill length and where they came from."""
-    decode = min(CALIBRATION_DECODE, max(1, max_seq // 4))
-    prefill = max(1, min(CALIBRATION_PREFILL, max_seq - decode))
+    it is here, else the prompt tiled, else the embedded corpus. The prefill and decode steps stay within both
+    the cache's max_seq and the model's trained `block`, so the guard judges the cache where the model itself is
+    trustworthy. Returns (1, prefill + decode + 1) ids, the prefill length and where they came from."""
+    length = min(max_seq, block)
+    decode = min(CALIBRATION_DECODE, max(1, length // 4))
+    prefill = max(1, min(CALIBRATION_PREFILL, length - decode))
     n = prefill + decode + 1
     window = None
     if data.get("format") == "embedded":
@@ -81,15 +99,15 @@ def auto_policy(
 ) -> tuple[str, dict]:
     """The tuner's policy for this model and request: a store hit, or a guarded search (then stored). Returns the
     policy string and the decision record with its `source` (store or search)."""
-    tokens, prefill, source = calibration_tokens(
-        ckpt["config"].get("data", {}), prompt, request.max_seq, request.cache_dir
-    )
+    data = ckpt["config"].get("data", {})
+    tokens, prefill, source = calibration_tokens(data, prompt, request.max_seq, model.cfg.block_size, request.cache_dir)
     stat = ckpt_path.stat()
     identity = {
         "model": ckpt["config"]["model"],
         "ckpt": [str(ckpt_path.resolve()), stat.st_size, stat.st_mtime_ns, ckpt["step"]],
     }
     shapes = {
+        "search": SEARCH_VERSION,
         "max_seq": request.max_seq,
         "prefill": prefill,
         "decode": tokens.shape[1] - prefill - 1,

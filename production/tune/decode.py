@@ -1,14 +1,16 @@
 """Decode plan: the fastest way to read this cache on this device, measured on the live cache and remembered.
 
 Candidates are the cached-attention matmul strategies (production.cache.attend.IMPLS) times chunk sizes.
-Each is timed on layer 0 of the live cache (read-only: queries of the real shapes attend over it), a few
-repetitions, median. The default (auto, DEFAULT_CHUNK_TOKENS) is kept unless a candidate beats it by more than
-the hysteresis, so noise does not flip plans. Keyed by device, stream widths and kinds, and context bucket
+Each is timed on the live cache (read-only: queries of the real shapes attend over it), once per distinct layer
+policy (a per-layer policy's layers differ) weighted by how many layers share it, a few repetitions, median.
+The default (auto, DEFAULT_CHUNK_TOKENS) is kept unless a candidate beats it by more than the hysteresis, so
+noise does not flip plans. Keyed by device, stream widths and kinds, and context bucket
 (the next power of two of the cache length).
 """
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 
@@ -72,21 +74,29 @@ def plan_decode(
 
 
 def time_candidate(cache: KVCache, impl: str, chunk: int, n_head: int, kv_heads: int, device: str) -> float:
-    """Median ms of one layer-0 cached attention with this strategy; queries have the model's real shapes."""
-    layer = cache.layers[0]
-    saved = layer.impl, layer.chunk_tokens
-    layer.impl, layer.chunk_tokens = impl, chunk
+    """Median ms of the cached attention of all layers with this strategy: one layer of each distinct layer
+    policy, times the number of layers with that policy; queries have the model's real shapes."""
+    first: dict[str, int] = {}  # layer policy -> its first layer
+    for i, policy in enumerate(cache.policy.layers):
+        first.setdefault(str(policy), i)
+    counts = collections.Counter(str(policy) for policy in cache.policy.layers)
     q = {
         s: torch.randn(cache.batch, n_head, 1, cache.widths[s] // kv_heads, device=device)
         for s in cache.widths
         if s != "v"
     }
-    times = []
-    for _ in range(REPEATS):
-        synchronize(device)
-        t0 = time.perf_counter()
-        attend_cache(layer, q, "v")
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    layer.impl, layer.chunk_tokens = saved
-    return 1000 * statistics.median(times)
+    total = 0.0
+    for policy, i in first.items():
+        layer = cache.layers[i]
+        saved = layer.impl, layer.chunk_tokens
+        layer.impl, layer.chunk_tokens = impl, chunk
+        times = []
+        for _ in range(REPEATS):
+            synchronize(device)
+            t0 = time.perf_counter()
+            attend_cache(layer, q, "v")
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        layer.impl, layer.chunk_tokens = saved
+        total += counts[policy] * statistics.median(times)
+    return 1000 * total

@@ -161,6 +161,7 @@ def quality_path(
 
     path = [point()]
     for _, i, unit in steps:
-        position[unit] = i + 1
-        path.append(point())
+        if i + 1 > position[unit]:  # (a rounding tie could list a unit's steps out of order: never step back)
+            position[unit] = i + 1
+            path.append(point())
     return path
