@@ -56,7 +56,16 @@ def tiny_ckpt(tmp_path_factory, token_file):
 def test_bench_compress_reports_bytes_guard_and_speed_per_policy(tiny_ckpt, tmp_path):
     q2 = "ksem=q2_1@64+rot,kgeo=q2_1@64+ch,v=q2_1@64,resid=0"
     out = tmp_path / "c.json"
-    args = ["--ckpt", tiny_ckpt, "--policies", f"fp16;{q2};auto", "--context", "4096", "--decode-context", "96"]
+    args = [
+        "--ckpt",
+        tiny_ckpt,
+        "--policies",
+        f"fp16;{q2};auto;auto-resid0",
+        "--context",
+        "4096",
+        "--decode-context",
+        "96",
+    ]
     proc = call(bench_compress, *args, "--steps", "1", "--rounds", "1", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "| `fp16` | 192.0 | 16.00 | 1.3x |" in proc.stdout  # d_model 64: standard fp16 caches 2 x 64 values
@@ -67,8 +76,14 @@ def test_bench_compress_reports_bytes_guard_and_speed_per_policy(tiny_ckpt, tmp_
     assert r["policy"] == q2 and r["decode_ms_per_token"] > 0 and r["vs_standard_fp16"] > 4
     assert r["bits_per_value"] == pytest.approx(2.5, abs=0.2)  # 2 bits + 32 scale bits per 64, plus rotations
     auto = rows["auto"]
-    assert auto["passed"] and auto["policy"] == report["auto"]["policy"] and report["sensitivity"]["probes"]
+    assert auto["passed"] and auto["policy"] == report["auto"]["auto"]["policy"] and report["sensitivity"]["probes"]
     assert auto["bytes"] <= rows["fp16"]["bytes"] and report["calibration"]["source"].startswith("validation")
+    no_window = rows["auto-resid0"]
+    assert (
+        no_window["passed"]
+        and "resid=128" not in no_window["policy"]
+        and set(report["auto"]) == {"auto", "auto-resid0"}
+    )
 
 
 def test_bench_compress_checks_policies_first(tiny_ckpt, tmp_path):

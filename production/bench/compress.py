@@ -3,7 +3,7 @@
     python -m production.bench.compress --ckpt runs/nano_paper_decoupled_s1337 --out runs/compress_nano.json
 
 For every policy (a fixed set of uniform kinds, the paper's, a KIVI-style one, and the tuner's own guarded choice
-at --context tokens, `auto`):
+at --context tokens: `auto`, and `auto-resid0` with no exact window):
 - bytes per cached token per layer at --context (windows and rotation matrices included), bits per cached
   value, and the ratio to the standard-attention fp16 cache of the same d_model and n_layer;
 - the tuner's guard against an fp16 cache on the run's validation tokens (production.tune.guard, calibrated as
@@ -35,14 +35,17 @@ from production.model.attention import cache_widths
 from production.train.checkpoint import load_model
 from production.tune.auto import calibration_tokens
 from production.tune.guard import Judge
-from production.tune.policy import search_policy
+from production.tune.policy import SEARCH_RESID, search_policy
 
 UNIFORM = ["q4_0@32", "nf4@64", "q4_1@32", "q3_1@64", "q3_1@64+rot", "q2_1@64", "q2_1@64+rot", "q2_1@128+rot"]
+# the tuner's choice (`--kv-policy auto`: windows of 0 or 128 tokens), and its choice without a window: the guard's
+# calibration is short (at most the trained block), so a 128-token window covers much of it but little of 131072
+AUTO = {"auto": SEARCH_RESID, "auto-resid0": (0,)}
 
 
 def default_policies(streams: list[str], resid: int) -> list[str]:
     """fp16, the paper's policy (decoupled models), each UNIFORM kind on every stream, KIVI-style (2-bit keys per
-    channel, 2-bit values per token), and `auto`."""
+    channel, 2-bit values per token), `auto` and `auto-resid0`."""
     keys = {stream: key for key, stream in POLICY_KEYS.items()}
 
     def policy(spec_of) -> str:
@@ -51,7 +54,7 @@ def default_policies(streams: list[str], resid: int) -> list[str]:
     texts = ["fp16", *([PAPER_POLICY] if "k_sem" in streams else [])]
     texts += [policy(lambda s, spec=spec: spec) for spec in UNIFORM]
     texts.append(policy(lambda s: "q2_1@64" if s == "v" else "q2_1@64+ch"))
-    return [*texts, "auto"]
+    return [*texts, *AUTO]
 
 
 def build_parser() -> Parser:
@@ -69,7 +72,8 @@ def build_parser() -> Parser:
 
 
 def measure(model, ckpt: dict, policies: list[str], context: int, decode_context: int, timing: Timing, runtime):
-    """The rows of the report (see the module docstring); `auto` is searched first, then judged like the rest."""
+    """The rows of the report (see the module docstring); `auto` rows are searched first (sharing one set of
+    sensitivity probes), then judged like the rest."""
     cfg = model.cfg
     widths, heads, streams = cache_widths(cfg), cfg.kv_heads, list(cache_widths(cfg))
     data = ckpt["config"].get("data", {})
@@ -77,14 +81,16 @@ def measure(model, ckpt: dict, policies: list[str], context: int, decode_context
     tokens = tokens.to(runtime.device)
     judge = Judge(model, tokens, prefill, context, GuardLimits(), runtime.autocast)
     standard = context * cfg.n_layer * 2 * cfg.d_model * 2  # the standard-attention fp16 cache of these dims
-    rows, search = [], None
+    rows, searches, sensitivity = [], {}, None
     for text in policies:
         row = {"name": text}
-        if text == "auto":
-            search = search_policy(
-                model, tokens, prefill, context, GuardLimits(), None, MAX_CANDIDATES, runtime.autocast
-            )
-            text = search["policy"]
+        if text in AUTO:
+            searches[text] = search_policy(
+                model, tokens, prefill, context, GuardLimits(), None, MAX_CANDIDATES, runtime.autocast, AUTO[text],
+                sensitivity,
+            )  # fmt: skip
+            sensitivity = searches[text]["sensitivity"]
+            text = searches[text]["policy"]
         policy = parse_policy(text, streams, cfg.n_layer)
         total = estimate_bytes(policy, widths, heads, 1, context)
         verdict = judge(policy)
@@ -111,7 +117,7 @@ def measure(model, ckpt: dict, policies: list[str], context: int, decode_context
             }
         )
     calibration = {"source": source, "prefill": prefill, "decode": tokens.shape[1] - prefill - 1}
-    return out, search, calibration
+    return out, searches, calibration
 
 
 def table(rows: list[dict], decode_context: int) -> list[str]:
@@ -121,7 +127,7 @@ def table(rows: list[dict], decode_context: int) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
-        name = r["policy"] if r["name"] != "auto" else f"auto: {r['policy']}"
+        name = f"{r['name']}: {r['policy']}" if r["name"] in AUTO else r["policy"]
         lines.append(
             f"| `{name}` | {r['bytes_per_token_layer']:.1f} | {r['bits_per_value']:.2f} | "
             f"{r['vs_standard_fp16']:.1f}x | {r['max_abs_logit']:.3f} | {r['delta_nll']:+.4f} | "
@@ -147,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     texts = list(dict.fromkeys(texts or default_policies(streams, args.resid)))
     texts = texts if "fp16" in texts else ["fp16", *texts]  # the decode ratios' baseline
     for text in texts:  # every policy checked before anything is measured
-        if text != "auto":
+        if text not in AUTO:
             parse_policy(text, streams, model.cfg.n_layer)
     out = args.out or ckpt_path.parent / "compress.json"
     timing = Timing(args.steps, args.rounds)
-    rows, search, calibration = measure(model, ckpt, texts, args.context, args.decode_context, timing, runtime)
+    rows, searches, calibration = measure(model, ckpt, texts, args.context, args.decode_context, timing, runtime)
     report = {
         "ckpt": str(ckpt_path),
         "step": ckpt["step"],
@@ -161,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": calibration,
         "limits": GuardLimits().to_dict(),
         "rows": rows,
-        "auto": None if search is None else {k: v for k, v in search.items() if k != "sensitivity"},
-        "sensitivity": None if search is None else search["sensitivity"],
+        "auto": {name: {k: v for k, v in s.items() if k != "sensitivity"} for name, s in searches.items()},
+        "sensitivity": next((s["sensitivity"] for s in searches.values()), None),
         "environment": environment(runtime.device),
     }
     write_json(out, report)

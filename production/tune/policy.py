@@ -84,12 +84,15 @@ def search_policy(
     max_cache_bytes: int | None,
     max_candidates: int,
     autocast,
+    resids: tuple[int, ...] = SEARCH_RESID,
+    sensitivity: dict | None = None,
 ) -> dict:
-    """Sensitivities, paths, guarded bisection; returns the decision record (policy, bytes, guard, tries...)."""
+    """Sensitivities (measured unless given, for the same model and tokens), paths for the residual windows
+    `resids`, guarded bisection; returns the decision record (policy, bytes, guard, tries...)."""
     t0 = time.perf_counter()
     judge = Judge(model, tokens, prefill, max_seq, limits, autocast)
-    sensitivity = measure_sensitivity(model, tokens, prefill, autocast)
-    paths = {resid: quality_path(sensitivity, model, max_seq, resid, limits) for resid in SEARCH_RESID}
+    sensitivity = sensitivity or measure_sensitivity(model, tokens, prefill, autocast)
+    paths = {resid: quality_path(sensitivity, model, max_seq, resid, limits) for resid in resids}
     cheapest = min(path[0][0] for path in paths.values())
     if max_cache_bytes is not None and cheapest > max_cache_bytes:
         raise UserError(
