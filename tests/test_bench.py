@@ -21,9 +21,10 @@ def test_bench_train_json_reports_every_mode_on_its_own_model():
     for mode, r in report["modes"].items():
         cfg = resolve("nano", exps[mode], dims).model  # each mode times the model of its paper exp
         assert (r["n_params"], r["attn_dim"]) == (param_count(cfg), cfg.attn_dim), mode
-        assert r["ms_per_step"] > 0 and r["mfu"] is None  # no known peak on CPU
+        assert r["ms_per_step"] > 0 and r["mfu"] is None and r["peak_bytes"] is None  # no known peak on CPU
     assert {r["attn_dim"] for r in report["modes"].values()} == {64, 48}  # standard/gqa 64, bottleneck/decoupled 48
     assert report["device"]["device"] == "cpu" and report["config"]["block_size"] == 32
+    assert report["peak_rss_bytes"] > 0  # on CPU the process's peak, every mode alive
 
 
 def test_ratios_need_the_standard_mode():

@@ -23,7 +23,14 @@ from production.config.presets import SIZES
 from production.config.resolve import resolve
 from production.core.entry import Parser, command
 from production.core.errors import UserError
-from production.core.runtime import RuntimeConfig, environment, peak_flops, retain_cpu_heap, synchronize
+from production.core.runtime import (
+    RuntimeConfig,
+    environment,
+    peak_flops,
+    peak_rss_bytes,
+    retain_cpu_heap,
+    synchronize,
+)
 from production.model.gpt import GPT
 from production.train.optim import build_optimizer
 
@@ -50,10 +57,14 @@ class ModeBench:
         gen = torch.Generator().manual_seed(0)
         self.batches = [torch.randint(0, self.cfg.vocab_size, (self.B, self.T + 1), generator=gen) for _ in range(4)]
         self.times: list[float] = []
+        self.peak_bytes = 0  # CUDA: the most memory allocated during one of this mode's steps
 
     def step(self, i: int) -> float:
         """Seconds for one forward + backward + clip + AdamW step, device synced around it."""
         xy = self.batches[i % len(self.batches)].to(self.runtime.device)
+        cuda = torch.device(self.runtime.device).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.runtime.device)
         synchronize(self.runtime.device)
         t0 = time.perf_counter()
         with self.runtime.autocast():
@@ -63,7 +74,10 @@ class ModeBench:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         synchronize(self.runtime.device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if cuda:
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.runtime.device))
+        return seconds
 
     def result(self) -> dict:
         ms = 1000 * statistics.median(self.times)
@@ -76,6 +90,7 @@ class ModeBench:
             "n_params": self.model.num_params(),
             "attn_dim": self.cfg.attn_dim,
             "mfu": None if peak is None else self.model.flops_per_token(self.T) * tok_s / peak,
+            "peak_bytes": self.peak_bytes or None,
         }
 
 
@@ -130,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results.values():
         r["ratio_to_standard"] = None if base is None else r["ms_per_step"] / base["ms_per_step"]
     report = {"modes": results, "device": environment(runtime.device), "config": bench_config(args, runtime)}
+    report["peak_rss_bytes"] = peak_rss_bytes()  # the whole process: every mode's model and optimizer, alive at once
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -162,12 +178,17 @@ def print_table(report: dict, args, runtime: RuntimeConfig) -> None:
         f"compile={runtime.compile}), median of {args.rounds} x {args.steps} steps (modes interleaved) after "
         f"{args.warmup} warm-up"
     )
-    print(f"{'mode':<11}{'params':>10}{'ms/step':>10}{'tok/s':>11}{'vs std':>8}{'MFU':>7}")
+    print(f"{'mode':<11}{'params':>10}{'ms/step':>10}{'tok/s':>11}{'vs std':>8}{'MFU':>7}{'peak GiB':>10}")
     for m, r in report["modes"].items():
         ratio = "-" if r["ratio_to_standard"] is None else f"{r['ratio_to_standard']:.3f}"
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"{m:<11}{r['n_params'] / 1e6:>9.1f}M{r['ms_per_step']:>10.1f}{r['tok_s']:>11,.0f}{ratio:>8}{mfu:>7}")
-    print("vs std: this mode's step time over the standard model's (below 1 is faster); MFU: CUDA only")
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
+        print(
+            f"{m:<11}{r['n_params'] / 1e6:>9.1f}M{r['ms_per_step']:>10.1f}{r['tok_s']:>11,.0f}{ratio:>8}{mfu:>7}"
+            f"{peak:>10}"
+        )
+    print("vs std: this mode's step time over the standard model's (below 1 is faster); MFU and peak: CUDA only")
+    print(f"peak resident memory of this process (all modes alive): {report['peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from production.cache.kvcache import DEFAULT_CHUNK_TOKENS, KVCache
 from production.cache.policy import KVPolicy
 from production.model.attention import build_attention, cache_widths
 from production.model.config import ModelConfig
+from production.model.loss import head_cross_entropy
 from production.model.rope import RopeScaling, Rotary
 
 
@@ -81,15 +82,15 @@ class GPT(nn.Module):
     ):
         """idx (B, T) token ids; targets (B, T) or None. With a cache, idx continues the cached sequence (its
         positions start at cache.length) and its K/V are appended. last_only: logits for the last position only.
-        Returns logits (B, T or 1, vocab) and the mean cross-entropy (None without targets)."""
+        Returns (logits (B, T or 1, vocab), None) without targets; with targets (None, the mean cross-entropy),
+        computed through the head a chunk of tokens at a time, so the full logits never exist
+        (production.model.loss)."""
         x = self.features(idx, cache)
+        if targets is not None:
+            return None, head_cross_entropy(self.ln_f(x), self.wte.weight, targets)
         if last_only:
             x = x[:, -1:]
-        logits = self.head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss
+        return self.head(x), None
 
     def features(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) -> the final hidden states (B, T, d_model), before the last LayerNorm and the head; with a
