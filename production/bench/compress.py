@@ -81,7 +81,7 @@ def measure(model, ckpt: dict, policies: list[str], context: int, decode_context
     tokens = tokens.to(runtime.device)
     judge = Judge(model, tokens, prefill, context, GuardLimits(), runtime.autocast)
     standard = context * cfg.n_layer * 2 * cfg.d_model * 2  # the standard-attention fp16 cache of these dims
-    rows, searches, sensitivity = [], {}, None
+    rows, timed, searches, sensitivity = [], [], {}, None
     for text in policies:
         row = {"name": text}
         if text in AUTO:
@@ -103,21 +103,14 @@ def measure(model, ckpt: dict, policies: list[str], context: int, decode_context
             **verdict["guard"],
             passed=verdict["passed"],
         )
-        rows.append({**row, "model": model, "context": decode_context, "policy_obj": policy})
-    timed = [{"model": r["model"], "context": decode_context, "policy": r["policy_obj"]} for r in rows]
+        rows.append(row)
+        timed.append({"model": model, "context": decode_context, "policy": policy})
     time_rows(timed, timing, runtime)
     fp16_ms = next(t["ms_per_token"] for r, t in zip(rows, timed, strict=True) if r["policy"] == "fp16")
-    out = []
     for r, t in zip(rows, timed, strict=True):
-        out.append(
-            {
-                **{k: v for k, v in r.items() if k not in ("model", "context", "policy_obj")},
-                "decode_ms_per_token": t["ms_per_token"],
-                "decode_vs_fp16": t["ms_per_token"] / fp16_ms,
-            }
-        )
+        r.update(decode_ms_per_token=t["ms_per_token"], decode_vs_fp16=t["ms_per_token"] / fp16_ms)
     calibration = {"source": source, "prefill": prefill, "decode": tokens.shape[1] - prefill - 1}
-    return out, searches, calibration
+    return rows, searches, calibration
 
 
 def table(rows: list[dict], decode_context: int) -> list[str]:

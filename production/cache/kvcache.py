@@ -250,7 +250,7 @@ class LayerCache:
         return [t for s in self.streams.values() for t in s.tensors()] + list(self.rotations.values())
 
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.streams.values()) + sum(R.nbytes for R in self.rotations.values())
+        return sum(t.nbytes for t in self.tensors())
 
 
 class KVCache:

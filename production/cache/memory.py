@@ -13,7 +13,7 @@ import time
 import torch
 
 from production.cache.kvcache import KVCache, estimate_bytes, fill_random
-from production.cache.policy import KVPolicy, LayerPolicy, layer_range
+from production.cache.policy import KVPolicy, by_layer
 from production.core.runtime import peak_rss_bytes, synchronize
 
 
@@ -57,14 +57,6 @@ def _measurement(kind: str, before: dict, after: dict, device: str, stored: int)
     return stored, {"method": "cpu_storage", **details}  # cpu, or meta (the same storage sizes, no pages)
 
 
-def stream_kinds(policy: KVPolicy, name: str) -> str:
-    """One stream's kind across layers: `q4_0@32`, or `L0-1:q2_1@64|L2-3:fp16` where layers differ."""
-    runs = KVPolicy(tuple(LayerPolicy({name: layer.streams[name]}) for layer in policy.layers)).ranges()
-    if len(runs) == 1:
-        return str(runs[0][2].streams[name])
-    return "|".join(f"{layer_range(a, b)}:{layer.streams[name]}" for a, b, layer in runs)
-
-
 def measure_cache(
     widths: dict[str, int], heads: int, policy: KVPolicy, batch: int, context: int, device: str
 ) -> tuple[dict, KVCache]:
@@ -82,7 +74,7 @@ def measure_cache(
     measured, measurement = _measurement(kind, before, after, device, storage_bytes(cache_tensors(cache)))
     per_stream = {
         name: {
-            "kind": stream_kinds(policy, name),
+            "kind": by_layer([layer.streams[name] for layer in policy.layers]),  # `L0:q3_1@64|L1-3:...`
             "width": width,
             "estimate_bytes": estimate_bytes(policy, widths, heads, batch, context, streams=[name]),
             "measured_bytes": storage_bytes(cache_tensors(cache, name)),

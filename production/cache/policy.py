@@ -77,26 +77,22 @@ class KVPolicy:
     def uniform(cls, layer: LayerPolicy, n_layer: int) -> KVPolicy:
         return cls((layer,) * n_layer)
 
-    def ranges(self) -> list[tuple[int, int, LayerPolicy]]:
-        """(first, last, policy) for each run of consecutive layers with the same policy."""
-        out: list[tuple[int, int, LayerPolicy]] = []
-        for i, layer in enumerate(self.layers):
-            if out and out[-1][2] == layer:
-                out[-1] = (out[-1][0], i, layer)
-            else:
-                out.append((i, i, layer))
-        return out
-
     def __str__(self) -> str:
-        ranges = self.ranges()
-        if len(ranges) == 1:
-            return str(ranges[0][2])
-        return "|".join(f"{layer_range(a, b)}:{layer}" for a, b, layer in ranges)
+        return by_layer(self.layers)
 
 
-def layer_range(first: int, last: int) -> str:
-    """`L2` or `L0-3`, as policies and reports name layer ranges."""
-    return f"L{first}" if first == last else f"L{first}-{last}"
+def by_layer(items) -> str:
+    """One value per layer, as policies and reports write it: `x` when every layer has it, else the runs of
+    consecutive equal values by layer range, `L0:x|L1-3:y`."""
+    runs: list[list] = []  # [first, last, value]
+    for i, item in enumerate(items):
+        if runs and runs[-1][2] == item:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, item])
+    if len(runs) == 1:
+        return str(runs[0][2])
+    return "|".join(f"L{a}{'' if a == b else f'-{b}'}:{item}" for a, b, item in runs)
 
 
 def parse_policy(text: str, streams: list[str], n_layer: int) -> KVPolicy:

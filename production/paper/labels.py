@@ -30,17 +30,20 @@ def label(agg: dict, group_steps: int) -> str:
     return name if agg["steps"] == group_steps else f"{name} ({agg['steps'] // 1000}k steps)"
 
 
+NAMED_POLICIES = {"fp16": "fp16", PAPER_POLICY: "Q4/Q8/Q4"}
+
+
 def short_policy(policy: str) -> str:
-    if policy in ("fp16", PAPER_POLICY):
-        return "fp16" if policy == "fp16" else "Q4/Q8/Q4"
+    if policy in NAMED_POLICIES:
+        return NAMED_POLICIES[policy]
     return f"per-layer, {policy.count('|') + 1} layer ranges" if "|" in policy else policy
 
 
 def kv_label(kv: dict) -> str:
     """A run's measured cache policy in a few characters: fp16, Q4/Q8/Q4 (the paper's), or the tuner's choice
     (or any other policy) by its average bits per cached value, scales and windows included."""
-    if kv["policy"] in ("fp16", PAPER_POLICY):
-        return short_policy(kv["policy"])
+    if kv["policy"] in NAMED_POLICIES:
+        return NAMED_POLICIES[kv["policy"]]
     bits = f"{kv['bits_per_value']:.1f} bits/value"
     return f"tuned, {bits}" if kv["tuned"] else bits
 
