@@ -12,6 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
+import torch
+
+# Triton kernels run on CPU tensors through Triton's interpreter when no GPU is here; the switch is read when a
+# kernel is decorated, so it is set before the project is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the top-level scripts (run_paper_manifest.py, ...) import as modules

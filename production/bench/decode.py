@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from production.cache import triton_decode
 from production.cache.attend import IMPLS
 from production.cache.kvcache import DEFAULT_CHUNK_TOKENS, estimate_bytes, fill_random
 from production.cache.policy import PAPER_POLICY, parse_policy
@@ -139,7 +140,7 @@ def build_parser() -> Parser:
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds over all rows")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps per row")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_TOKENS, help="tokens per attention chunk")
-    p.add_argument("--impl", default="auto", choices=IMPLS, help="matmul strategy of the cached attention")
+    p.add_argument("--impl", default="auto", choices=IMPLS, help="cached-attention strategy (triton: fused, CUDA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     contexts = check_args(args)
     runtime = resolve_runtime(args.device, args.dtype, compile=False)
+    if args.impl == "triton" and not triton_decode.available(runtime.device):
+        raise UserError(triton_decode.why_unavailable(runtime.device))
     if torch.device(runtime.device).type == "cpu":
         retain_cpu_heap()
     models = build_models(args, runtime)

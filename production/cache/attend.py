@@ -12,16 +12,19 @@ Two ways to do a chunk's products, each faster in its own regime (measured on CP
   transpose for values, keeping the diagonal blocks); best for the narrow heads of the decoupled and
   bottleneck paths (4-16 dims), where per-head matmuls are tiny and strided.
 "auto" picks blockdiag when the part's head dim is at most 16.
+"triton" (one query token per sequence, on CUDA) reads the whole cache in one fused kernel instead
+(production.cache.triton_decode); the other cases keep the chunked torch path.
 """
 
 from __future__ import annotations
 
 import torch
 
+from production.cache import triton_decode
 from production.cache.kvcache import ChannelQuantStream, LayerCache
 from production.cache.rotation import rotate_heads
 
-IMPLS = ("auto", "bmm", "blockdiag")
+IMPLS = ("auto", "bmm", "blockdiag", "triton")
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, impl: str) -> torch.Tensor:
@@ -62,7 +65,7 @@ def _weighted_values(p: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tenso
 
 
 def _pick(impl: str, head_dim: int) -> str:
-    if impl == "auto":
+    if impl in ("auto", "triton"):  # triton falls back to the torch path for several query tokens
         return "blockdiag" if head_dim <= 16 else "bmm"
     return impl
 
@@ -109,7 +112,17 @@ def attend_cache(
         if name in cache.rotations:
             qs[name] = rotate_heads(q, cache.rotations[name])
 
-    for t0, t1 in cache.chunks():
+    if cache.impl == "triton" and Tq == 1:
+        if not triton_decode.available(first.device):
+            raise ValueError(triton_decode.why_unavailable(first.device))
+        m2, l2, acc2 = triton_decode.decode_partials(cache, qs, v_name, split_tokens=cache.split_tokens)
+        m_new = torch.maximum(m, m2)  # m2 is finite: the cache holds at least the new token
+        a, a2 = torch.exp(m - m_new), torch.exp(m2 - m_new)
+        l, acc = l * a + l2 * a2, acc * a + acc2 * a2
+        chunks = []
+    else:
+        chunks = cache.chunks()
+    for t0, t1 in chunks:
         scores = sum(
             _stream_scores(qs[name], cache.streams[name], t0, t1, impls[name]) for name in qs
         )  # (B, Hkv, g * Tq, C)

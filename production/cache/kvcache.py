@@ -197,7 +197,8 @@ class LayerCache:
     """The streams of one layer, filled in lockstep. A rotated stream (`+rot`) stores each head's values times
     its rotation (`rotations[name]`, (heads, d, d)); attention rotates the queries of a rotated key stream and
     rotates back the output over a rotated value stream (production.cache.attend). Attention reads the streams
-    `chunk_tokens` tokens at a time with the matmul strategy `impl`."""
+    `chunk_tokens` tokens at a time with the matmul strategy `impl`; with impl "triton", `split_tokens` tokens
+    per program of the fused kernel (None: its default)."""
 
     def __init__(
         self,
@@ -221,6 +222,7 @@ class LayerCache:
             if (spec := policy.streams[name]).rot is not None
         }
         self.max_seq, self.chunk_tokens, self.impl = max_seq, chunk_tokens, impl
+        self.split_tokens: int | None = None
 
     @property
     def length(self) -> int:

@@ -1,6 +1,7 @@
 """Decode plan: the fastest way to read this cache on this device, measured on the live cache and remembered.
 
-Candidates are the cached-attention matmul strategies (production.cache.attend.IMPLS) times chunk sizes.
+Candidates are the cached-attention matmul strategies (production.cache.attend.IMPLS) times chunk sizes, and
+on CUDA with triton the fused kernel times split sizes (its `chunk_tokens` is the split; 0: the kernel's default).
 Each is timed on the live cache (read-only: queries of the real shapes attend over it), once per distinct layer
 policy (a per-layer policy's layers differ) weighted by how many layers share it, a few repetitions, median.
 The default (auto, DEFAULT_CHUNK_TOKENS) is kept unless a candidate beats it by more than the hysteresis, so
@@ -16,12 +17,14 @@ import time
 
 import torch
 
+from production.cache import triton_decode
 from production.cache.attend import attend_cache
-from production.cache.kvcache import DEFAULT_CHUNK_TOKENS, KVCache
+from production.cache.kvcache import DEFAULT_CHUNK_TOKENS, KVCache, LayerCache
 from production.core.runtime import synchronize
 from production.tune.store import DecisionStore
 
 CANDIDATES = [(impl, chunk) for impl in ("bmm", "blockdiag") for chunk in (2048, 8192, 32768)]
+TRITON_CANDIDATES = [("triton", split) for split in (0, 1024, 4096)]
 HYSTERESIS = 0.05
 REPEATS = 3
 MIN_CONTEXT = 1024  # below this every candidate takes microseconds: timing noise would pick, so keep the default
@@ -58,7 +61,7 @@ def plan_decode(
         source = "measured"
         timings = {
             f"{impl}@{chunk}": time_candidate(cache, impl, chunk, n_head, kv_heads, device)
-            for impl, chunk in [("auto", DEFAULT_CHUNK_TOKENS), *CANDIDATES]
+            for impl, chunk in [("auto", DEFAULT_CHUNK_TOKENS), *candidates(device)]
         }
         default = timings[f"auto@{DEFAULT_CHUNK_TOKENS}"]
         best = min(timings, key=timings.get)
@@ -69,8 +72,22 @@ def plan_decode(
         if store:
             store.put("decode", device_sig, f"h{n_head}", shapes, decision)
     for layer in cache.layers:
-        layer.impl, layer.chunk_tokens = decision["impl"], decision["chunk_tokens"]
+        apply_plan(layer, decision["impl"], decision["chunk_tokens"])
     return {**decision, "source": source, "bucket": shapes["bucket"]}
+
+
+def candidates(device: str) -> list[tuple[str, int]]:
+    fused = triton_decode.available(device) and torch.device(device).type == "cuda"
+    return CANDIDATES + (TRITON_CANDIDATES if fused else [])
+
+
+def apply_plan(layer: LayerCache, impl: str, chunk: int) -> None:
+    """Set a layer's strategy; for the fused kernel `chunk` is its split (0: the default)."""
+    layer.impl = impl
+    if impl == "triton":
+        layer.split_tokens = chunk or None
+    else:
+        layer.chunk_tokens = chunk
 
 
 def time_candidate(cache: KVCache, impl: str, chunk: int, n_head: int, kv_heads: int, device: str) -> float:
@@ -88,8 +105,8 @@ def time_candidate(cache: KVCache, impl: str, chunk: int, n_head: int, kv_heads:
     total = 0.0
     for policy, i in first.items():
         layer = cache.layers[i]
-        saved = layer.impl, layer.chunk_tokens
-        layer.impl, layer.chunk_tokens = impl, chunk
+        saved = layer.impl, layer.chunk_tokens, layer.split_tokens
+        apply_plan(layer, impl, chunk)
         times = []
         for _ in range(REPEATS):
             synchronize(device)
@@ -97,6 +114,6 @@ def time_candidate(cache: KVCache, impl: str, chunk: int, n_head: int, kv_heads:
             attend_cache(layer, q, "v")
             synchronize(device)
             times.append(time.perf_counter() - t0)
-        layer.impl, layer.chunk_tokens = saved
+        layer.impl, layer.chunk_tokens, layer.split_tokens = saved
         total += counts[policy] * statistics.median(times)
     return 1000 * total
