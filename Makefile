@@ -30,15 +30,8 @@ bench:  ## decoupled / bottleneck / gqa step time vs standard at small dims, CPU
 bench-compress:  ## KV cache policies on the demo model (make demo first): bytes, guard, decode speed; about 1 min
 	$(PYTHON) -m production.bench.compress --ckpt runs/nano_paper_decoupled_s1337
 
-bench-gpu:  ## the GPU checks, in one go (CUDA tests, bf16 step benchmark, decode, 128k memory, torchrun ddp/fsdp)
-	$(PYTHON) -m pytest -q -m cuda
-	$(PYTHON) -m production.bench.train --size small --block 1024 --steps 5 --dtype bf16
-	$(PYTHON) -m production.bench.train --size small --block 1024 --steps 5 --dtype bf16 --compile
-	$(PYTHON) -m production.bench.decode --size small --exp paper_baseline,paper_decoupled --context 4096,16384,65536 \
-	    --policies "fp16;ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=128"
-	$(PYTHON) production/bench_end_to_end_memory.py --size small --exp paper_decoupled --decompose --decode-step --out runs/mem128k_small_gpu.json
-	for d in ddp fsdp; do for s in small 1b; do torchrun --nproc_per_node 1 main.py --mode train --size $$s \
-	    --exp paper_decoupled --steps 5 --eval-every 5 --eval-iters 1 --dist $$d --out-dir runs/gpu_$${s}_$$d; done; done
+bench-gpu:  ## every GPU check in one run (CUDA tests, train, decode torch vs Triton, 128k memory, torchrun); <= 8 min
+	$(PYTHON) -m production.bench_gpu --out runs/bench_gpu
 
 paper:  ## paper.pdf from paper.tex and the generated assets (python generate_paper_figures.py first)
 	@test -f assets/table_main.tex || { echo "assets/ is empty: run python generate_paper_figures.py first"; exit 2; }

@@ -69,7 +69,7 @@ def split_policies(text: str) -> list[str]:
 @torch.no_grad()
 def decode_step(model: GPT, cache, runtime) -> float:
     """Seconds for one real decode step through the whole model (device synced before and after)."""
-    token = torch.zeros(1, 1, dtype=torch.long, device=runtime.device)
+    token = torch.zeros(cache.batch, 1, dtype=torch.long, device=runtime.device)
     synchronize(runtime.device)
     t0 = time.perf_counter()
     with runtime.autocast():
@@ -81,13 +81,15 @@ def decode_step(model: GPT, cache, runtime) -> float:
 @dataclass(frozen=True)
 class Timing:
     """How decode steps are timed: `warmup` untimed steps per row, then `rounds` round-robin passes of `steps`
-    timed steps each; attention reads `chunk` tokens at a time with matmul strategy `impl`."""
+    timed steps each, for `batch` sequences; attention reads `chunk` tokens at a time with strategy `impl` (a row's
+    own "impl" wins)."""
 
     steps: int = 3
     rounds: int = 3
     warmup: int = 2
     chunk: int = DEFAULT_CHUNK_TOKENS
     impl: str = "auto"
+    batch: int = 1
 
 
 def time_rows(rows: list[dict], timing: Timing, runtime) -> None:
@@ -96,8 +98,9 @@ def time_rows(rows: list[dict], timing: Timing, runtime) -> None:
     effective GB/s of cache read."""
     for row in rows:
         capacity = row["context"] + timing.warmup + timing.rounds * timing.steps
-        row["cache"] = row["model"].new_cache(row["policy"], 1, capacity, timing.chunk, timing.impl)
-        fill_random(row["cache"], row["context"], torch.Generator().manual_seed(0))
+        impl = row.get("impl", timing.impl)
+        row["cache"] = row["model"].new_cache(row["policy"], timing.batch, capacity, timing.chunk, impl)
+        fill_random(row["cache"], row["context"], seed=0)
         for _ in range(timing.warmup):
             decode_step(row["model"], row["cache"], runtime)
         row["times"] = []
@@ -107,7 +110,7 @@ def time_rows(rows: list[dict], timing: Timing, runtime) -> None:
     for row in rows:
         cache = row.pop("cache")
         ms = 1000 * statistics.median(row.pop("times"))
-        context_bytes = estimate_bytes(row["policy"], cache.widths, cache.heads, 1, row["context"])
+        context_bytes = estimate_bytes(row["policy"], cache.widths, cache.heads, timing.batch, row["context"])
         row.update(
             ms_per_token=ms,
             cache_bytes=cache.nbytes(),

@@ -43,10 +43,10 @@ MODE_EXPS = {
 
 
 class ModeBench:
-    """One attention mode's model, optimizer and fixed random batches, ready to time training steps."""
+    """One experiment's model, optimizer and fixed random batches, ready to time training steps."""
 
-    def __init__(self, mode: str, args, runtime: RuntimeConfig):
-        resolved = resolve(args.size, MODE_EXPS[mode], {**dims(args), "batch_size": args.batch_size})
+    def __init__(self, exp: str, args, runtime: RuntimeConfig):
+        resolved = resolve(args.size, exp, {**dims(args), "batch_size": args.batch_size})
         self.cfg, train_cfg = resolved.model, resolved.train
         torch.manual_seed(0)
         self.runtime = runtime
@@ -97,7 +97,7 @@ class ModeBench:
 def time_modes(modes: list[str], args, runtime) -> dict:
     """Warm every mode up, then time them round-robin (`--rounds` rounds of `--steps` steps), so drift in the
     machine's speed lands on every mode alike; each reports its median step."""
-    benches = {m: ModeBench(m, args, runtime) for m in modes}
+    benches = {m: ModeBench(MODE_EXPS[m], args, runtime) for m in modes}
     for b in benches.values():
         for i in range(args.warmup):
             b.step(i)

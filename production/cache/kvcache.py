@@ -285,16 +285,20 @@ class KVCache:
 
 
 @torch.no_grad()
-def fill_random(cache: KVCache, n_tokens: int, generator: torch.Generator, chunk: int = 4096) -> None:
-    """Append n_tokens of unit-normal K/V to every layer (for benchmarks: decode cost does not depend on values)."""
+def fill_random(cache: KVCache, n_tokens: int, seed: int = 0, chunk: int = 4096) -> None:
+    """Append n_tokens of unit-normal K/V to every layer, drawn on the cache's device (for benchmarks: decode cost
+    does not depend on values)."""
     device = cache.layers[0].streams[next(iter(cache.widths))].tensors()[0].device
+    generator = torch.Generator(device).manual_seed(seed)
     for layer in cache.layers:
         for t0 in range(0, n_tokens, chunk):
             T = min(chunk, n_tokens - t0)
-            values = {
-                name: torch.randn(cache.batch, T, width, generator=generator) for name, width in cache.widths.items()
-            }
-            layer.append({name: v.to(device) for name, v in values.items()})
+            layer.append(
+                {
+                    name: torch.randn(cache.batch, T, width, generator=generator, device=device)
+                    for name, width in cache.widths.items()
+                }
+            )
 
 
 def estimate_bytes(policy: KVPolicy, widths: dict[str, int], heads: int, batch: int, max_seq: int, streams=None) -> int:

@@ -95,7 +95,7 @@ def measure_cache(
 def time_decode_step(model, cache: KVCache, device: str) -> dict:
     """Fill all but the last two slots with random K/V, run one warm-up and one timed decode step of `model`
     (a GPT), so the timed step attends over the full context. Reports ms and peak memory during the step."""
-    fill_random(cache, cache.max_seq - 2, torch.Generator().manual_seed(0))
+    fill_random(cache, cache.max_seq - 2)
     token = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
     model(token, cache=cache, last_only=True)
     kind = torch.device(device).type

@@ -105,6 +105,18 @@ def environment(device: str) -> dict:
 
 # dense bf16 peak FLOP/s of common accelerators, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+# HBM/GDDR bandwidth in bytes/s (SXM parts; the first matching name wins, so the A100 80GB precedes the A100)
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100 80GB PCIe": 1.935e12,
+    "A100": 1.555e12,
+    "L40S": 0.864e12,
+    "A10G": 0.6e12,
+    "4090": 1.008e12,
+}
 
 
 def peak_flops(device: str, dtype: str) -> float | None:
@@ -113,6 +125,14 @@ def peak_flops(device: str, dtype: str) -> float | None:
         return None
     name = torch.cuda.get_device_name(torch.device(device))
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def peak_bandwidth(device: str) -> float | None:
+    """The device's memory bandwidth in bytes/s, for effective-bandwidth fractions; None where unknown."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
 
 
 def retain_cpu_heap() -> bool:

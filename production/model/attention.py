@@ -14,7 +14,8 @@ tokens, the new tokens are appended and attend over the cache chunk by chunk (`a
 
 The null token is one extra key/value column that every query always sees (zero-initialised, never rotated).
 Putting it first and using a lower-right-aligned causal mask over T x (T+1) keeps the fused kernels exact:
-query i sees the null column and keys 0..i.
+query i sees the null column and keys 0..i. On CUDA, head dims are zero-padded to a multiple of 8 (exact), so
+the preset head dims (12 at most sizes, 18 at `large`) run on a fused kernel too (`causal_attention`).
 """
 
 from __future__ import annotations
@@ -32,17 +33,41 @@ from production.model.rope import apply_rope
 Rope = tuple[torch.Tensor, torch.Tensor] | None
 
 
-def causal_attention(q, k, v, null_k=None, null_v=None, scale=None) -> torch.Tensor:
+FUSED_ALIGN = 8  # CUDA's memory-efficient kernel takes 16-bit head dims that are multiples of 8
+
+
+def pad_heads(t: torch.Tensor, multiple: int = FUSED_ALIGN) -> torch.Tensor:
+    """Zero-pad the head dim (last) up to a multiple: exact for attention, since zero channels add nothing to
+    q . k and give zero output columns, which are sliced off."""
+    extra = -t.shape[-1] % multiple
+    return F.pad(t, (0, extra)) if extra else t
+
+
+def causal_attention(q, k, v, null_k=None, null_v=None, scale=None, pad: bool | None = None) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, Hkv, T, D) with Hkv dividing H; null_k/null_v (Hkv, D) or None.
-    Returns (B, H, T, Dv). K/V heads are shared by groups of H/Hkv query heads without being repeated."""
-    B, H, T, _ = q.shape
+    Returns (B, H, T, Dv). K/V heads are shared by groups of H/Hkv query heads without being repeated.
+
+    pad (default: on CUDA) zero-pads head dims to a multiple of 8 so that every variant runs on a fused kernel
+    (flash or memory-efficient, the null column's lower-right mask included) instead of the math kernel, which
+    materialises T x T scores; the scale stays that of the true head dim."""
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    scale = D**-0.5 if scale is None else scale
     gqa = k.shape[1] != H
+    if null_k is not None:
+        k = torch.cat([null_k.to(k.dtype)[None, :, None, :].expand(B, -1, 1, -1), k], dim=2)  # (B, Hkv, T+1, D)
+        v = torch.cat([null_v.to(v.dtype)[None, :, None, :].expand(B, -1, 1, -1), v], dim=2)
+    if q.is_cuda if pad is None else pad:
+        q, k, v = pad_heads(q), pad_heads(k), pad_heads(v)
+    if gqa and q.device.type == "mps":  # MPS's kernel may not take enable_gqa: share K/V heads by repeating them
+        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+        gqa = False
     if null_k is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    k = torch.cat([null_k.to(k.dtype)[None, :, None, :].expand(B, -1, 1, -1), k], dim=2)  # (B, Hkv, T+1, D)
-    v = torch.cat([null_v.to(v.dtype)[None, :, None, :].expand(B, -1, 1, -1), v], dim=2)
-    mask = causal_lower_right(T, T + 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        mask = causal_lower_right(T, T + 1)  # query i sees the null column and keys 0..i
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return y[..., :Dv]
 
 
 def fused_linear(x: torch.Tensor, layers: list[nn.Linear]) -> list[torch.Tensor]:
