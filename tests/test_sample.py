@@ -63,6 +63,9 @@ def test_fp16_cache_and_recompute_agree_through_the_cli(ckpt):
     args = ["--prompt-tokens", "11 22 33 44", "--max-new-tokens", "12", "--greedy"]
     fp16, none = sample_json(ckpt, *args, "--kv-policy", "fp16"), sample_json(ckpt, *args, "--kv-policy", "none")
     assert fp16["generated_ids"] == none["generated_ids"]
+    graphed = sample_json(ckpt, *args, "--kv-policy", "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2", "--cuda-graphs")
+    quant = sample_json(ckpt, *args, "--kv-policy", "ksem=q4_0@32,kgeo=q8_0@32,v=q4_0@32,resid=2")
+    assert graphed["cuda_graphs"] and graphed["generated_ids"] == quant["generated_ids"]  # static steps (eager on CPU)
     assert none["kv_policy"] == "none" and none["cache_bytes"] == 0
     assert fp16["cache_bytes"] == 32 * 2 * (16 + 32 + 48) * 1  # max_seq = block 32, 1 layer, fp16
 
@@ -91,6 +94,7 @@ def test_fp16_cache_and_recompute_agree_through_the_cli(ckpt):
         (["--prompt", "hi", "--max-new-tokens", "4", "--guard-max-logit", "0"], "--guard-max-logit > 0"),
         (["--prompt", "hi", "--steps", "4"], "--steps does not apply to --mode sample"),
         (["--prompt", "hi", "--temperature", "0"], "temperature must be > 0"),
+        (["--prompt", "hi", "--kv-policy", "none", "--cuda-graphs"], "--cuda-graphs needs a KV cache"),
     ],
 )
 def test_bad_sampling_input(ckpt, args, match):

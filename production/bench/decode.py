@@ -36,6 +36,7 @@ from production.core.errors import UserError
 from production.core.runtime import RuntimeConfig, environment, resolve_runtime, retain_cpu_heap, synchronize
 from production.model.attention import cache_widths
 from production.model.gpt import GPT
+from production.sample.graphs import GraphedDecoder
 from production.train.checkpoint import load_model
 
 DEFAULT_QUANT = {"decoupled": PAPER_POLICY}
@@ -67,13 +68,17 @@ def split_policies(text: str) -> list[str]:
 
 
 @torch.no_grad()
-def decode_step(model: GPT, cache, runtime) -> float:
-    """Seconds for one real decode step through the whole model (device synced before and after)."""
+def decode_step(model: GPT, cache, runtime, stepper: GraphedDecoder | None = None) -> float:
+    """Seconds for one real decode step through the whole model (device synced before and after); through
+    `stepper` (CUDA graphs) when given."""
     token = torch.zeros(cache.batch, 1, dtype=torch.long, device=runtime.device)
     synchronize(runtime.device)
     t0 = time.perf_counter()
     with runtime.autocast():
-        model(token, cache=cache, last_only=True)
+        if stepper is None:
+            model(token, cache=cache, last_only=True)
+        else:
+            stepper(token)
     synchronize(runtime.device)
     return time.perf_counter() - t0
 
@@ -90,6 +95,7 @@ class Timing:
     chunk: int = DEFAULT_CHUNK_TOKENS
     impl: str = "auto"
     batch: int = 1
+    graphs: bool = False  # decode steps through CUDA graphs (production.sample.graphs); a row's own "graphs" wins
 
 
 def time_rows(rows: list[dict], timing: Timing, runtime) -> None:
@@ -101,13 +107,20 @@ def time_rows(rows: list[dict], timing: Timing, runtime) -> None:
         impl = row.get("impl", timing.impl)
         row["cache"] = row["model"].new_cache(row["policy"], timing.batch, capacity, timing.chunk, impl)
         fill_random(row["cache"], row["context"], seed=0)
+        graphs = row.get("graphs", timing.graphs)
+        row["stepper"] = GraphedDecoder(row["model"], row["cache"], runtime.autocast) if graphs else None
         for _ in range(timing.warmup):
-            decode_step(row["model"], row["cache"], runtime)
+            decode_step(row["model"], row["cache"], runtime, row["stepper"])
         row["times"] = []
     for _ in range(timing.rounds):
         for row in rows:
-            row["times"] += [decode_step(row["model"], row["cache"], runtime) for _ in range(timing.steps)]
+            row["times"] += [
+                decode_step(row["model"], row["cache"], runtime, row["stepper"]) for _ in range(timing.steps)
+            ]
     for row in rows:
+        if row["stepper"] is not None:
+            row["stepper"].close()
+        row.pop("stepper")
         cache = row.pop("cache")
         ms = 1000 * statistics.median(row.pop("times"))
         context_bytes = estimate_bytes(row["policy"], cache.widths, cache.heads, timing.batch, row["context"])
@@ -144,6 +157,7 @@ def build_parser() -> Parser:
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps per row")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_TOKENS, help="tokens per attention chunk")
     p.add_argument("--impl", default="auto", choices=IMPLS, help="cached-attention strategy (triton: fused, CUDA)")
+    p.add_argument("--graphs", action="store_true", help="decode steps through CUDA graphs (fused kernel; CUDA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -191,13 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     contexts = check_args(args)
     runtime = resolve_runtime(args.device, args.dtype, compile=False)
-    if args.impl == "triton" and not triton_decode.available(runtime.device):
+    if (args.impl == "triton" or args.graphs) and not triton_decode.available(runtime.device):
         raise UserError(triton_decode.why_unavailable(runtime.device))
     if torch.device(runtime.device).type == "cpu":
         retain_cpu_heap()
     models = build_models(args, runtime)
     rows = build_rows(models, contexts, args.policies)
-    time_rows(rows, Timing(args.steps, args.rounds, args.warmup, args.chunk, args.impl), runtime)
+    time_rows(rows, Timing(args.steps, args.rounds, args.warmup, args.chunk, args.impl, graphs=args.graphs), runtime)
     keys = ("ms_per_token", "cache_bytes", "context_bytes", "gb_s")
     results = [
         {
@@ -222,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "chunk_tokens": args.chunk,
         "impl": args.impl,
+        "graphs": args.graphs,
     }
     report = {"results": results, "device": environment(runtime.device), "config": config}
     if args.json:

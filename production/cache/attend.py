@@ -95,7 +95,6 @@ def attend_cache(
     qs = {name: q.float().reshape(B, Hkv, g * Tq, q.shape[-1]) for name, q in q_parts.items()}
     impls = {name: _pick(cache.impl, q.shape[-1]) for name, q in qs.items()}
     v_impl = _pick(cache.impl, dv)
-    query_pos = torch.arange(n - Tq, n, device=first.device).repeat(g)  # (g * Tq,)
     Rv = cache.rotations.get(v_name)  # values are stored rotated: accumulate in the rotated basis
 
     if null_k is not None:
@@ -112,7 +111,7 @@ def attend_cache(
         if name in cache.rotations:
             qs[name] = rotate_heads(q, cache.rotations[name])
 
-    if cache.impl == "triton" and Tq == 1:
+    if (cache.impl == "triton" or cache.step is not None) and Tq == 1:  # a static step needs the kernel
         if not triton_decode.available(first.device):
             raise ValueError(triton_decode.why_unavailable(first.device))
         m2, l2, acc2 = triton_decode.decode_partials(cache, qs, v_name, split_tokens=cache.split_tokens)
@@ -122,6 +121,7 @@ def attend_cache(
         chunks = []
     else:
         chunks = cache.chunks()
+    query_pos = torch.arange(n - Tq, n, device=first.device).repeat(g) if chunks else None  # (g * Tq,)
     for t0, t1 in chunks:
         scores = sum(
             _stream_scores(qs[name], cache.streams[name], t0, t1, impls[name]) for name in qs

@@ -44,6 +44,11 @@ class PlainStream:
         self.data[:, self.length : self.length + T] = x
         self.length += T
 
+    def append_static(self, x: torch.Tensor, pos: torch.Tensor, n_q: torch.Tensor, flush: bool) -> None:
+        """One token x (B, 1, D) written at the position held in device tensor `pos` (production.cache.static);
+        the host's length is advanced by the caller."""
+        self.data.index_copy_(1, pos, x.to(self.data.dtype))
+
     def read(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
         return self.data[:, t0:t1].to(dtype)
 
@@ -116,6 +121,28 @@ class QuantStream:
         else:
             self.window[:, self.length - self.n_q : new_length - self.n_q] = x
         self.length, self.n_q = new_length, new_n_q
+
+    def flushes(self, length: int) -> bool:
+        """Whether appending one token to `length` tokens quantizes a group (it always leaves `resid` behind)."""
+        return length + 1 - self.resid >= self.group and (length + 1 - self.resid) % self.group == 0
+
+    def append_static(self, x: torch.Tensor, pos: torch.Tensor, n_q: torch.Tensor, flush: bool) -> None:
+        """One token x (B, 1, D) with every offset in device tensors (production.cache.static): `pos` the tokens
+        before it, `n_q` the quantized tokens after it. Without a flush it goes to window slot pos - n_q. A flush
+        happens exactly when the window holds resid + G - 1 tokens, so its shapes are fixed: the oldest G of the
+        window and x are quantized into the blocks after n_q - G tokens, and the newest resid stay."""
+        x = x.to(torch.float16)
+        if not flush:
+            self.window.index_copy_(1, pos - n_q, x)
+            return
+        G = self.group
+        pending = torch.cat([self.window[:, : self.resid + G - 1], x], dim=1)
+        scale, codes = encode(self.to_blocks(pending[:, :G].float()), self.spec.kind)
+        n_blocks = scale.shape[1]
+        blocks = (n_q - G) // G * n_blocks + torch.arange(n_blocks, device=n_q.device)
+        self.scale.index_copy_(1, blocks, scale)
+        self.codes.index_copy_(1, blocks, codes)
+        self.window[:, : self.resid] = pending[:, G:]
 
     def read(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
         """Tokens [t0, t1) as (B, t1 - t0, D): dequantized blocks for the quantized part, the window after."""
@@ -223,6 +250,7 @@ class LayerCache:
         }
         self.max_seq, self.chunk_tokens, self.impl = max_seq, chunk_tokens, impl
         self.split_tokens: int | None = None
+        self.step = None  # a LayerStep while static decode steps run (production.cache.static)
 
     @property
     def length(self) -> int:
@@ -241,6 +269,12 @@ class LayerCache:
 
     def append(self, values: dict[str, torch.Tensor]) -> None:
         """values: stream name -> (B, T, D) for every stream of the layer (rotated here where the policy says)."""
+        if self.step is not None:  # one token, every offset in device counters
+            for name, stream in self.streams.items():
+                R = self.rotations.get(name)
+                x = values[name] if R is None else rotate(values[name], R)
+                stream.append_static(x, self.step.pos, self.step.n_q[name], self.step.flush[name])
+            return
         T = next(iter(values.values())).shape[1]
         if self.length + T > self.max_seq:
             raise ValueError(f"KV cache full: {self.length} + {T} tokens > max_seq {self.max_seq}")

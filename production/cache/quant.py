@@ -191,8 +191,18 @@ def _codes(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     # nf4
     scale = x.abs().amax(dim=-1, keepdim=True).half()  # normalise by the stored (fp16) absmax
     y = (x * _safe_reciprocal(scale.float())).clamp(-1, 1)
-    q = torch.bucketize(y, NF4_MIDPOINTS.to(x.device))  # nearest codebook entry
+    q = torch.bucketize(y, on_device(NF4_MIDPOINTS, x.device))  # nearest codebook entry
     return scale.squeeze(-1), q.to(torch.uint8)
+
+
+@functools.cache
+def _on_device(table: torch.Tensor, device: str) -> torch.Tensor:
+    """A constant table's copy on `device`, made once (no host-to-device copy per call, as a CUDA graph needs)."""
+    return table.to(device)
+
+
+def on_device(table: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    return _on_device(table, str(device))
 
 
 def encode(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

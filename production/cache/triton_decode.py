@@ -27,7 +27,7 @@ import torch
 
 from production.cache.formats import FORMATS
 from production.cache.kvcache import ChannelQuantStream, LayerCache, PlainStream
-from production.cache.quant import NF4_CODEBOOK
+from production.cache.quant import NF4_CODEBOOK, on_device
 
 try:
     import triton
@@ -138,7 +138,7 @@ if triton is not None:
         k2_main, k2_scale, k2_win, k2_sbm, k2_sbs, k2_sbw, k2_nq, q2_ptr,
         # value stream
         v_main, v_scale, v_win, v_sbm, v_sbs, v_sbw, v_nq,
-        nf4_ptr, m_out, l_out, acc_out, n, split_tokens,
+        nf4_ptr, m_out, l_out, acc_out, n_arg, split_tokens,
         K1W: tl.constexpr, K1P: tl.constexpr, K1KIND: tl.constexpr, K1CH: tl.constexpr,
         K1QB: tl.constexpr, K1G: tl.constexpr, K1CB: tl.constexpr, K1NS: tl.constexpr,
         K2W: tl.constexpr, K2P: tl.constexpr, K2KIND: tl.constexpr, K2CH: tl.constexpr,
@@ -146,7 +146,18 @@ if triton is not None:
         VW: tl.constexpr, VP: tl.constexpr, VKIND: tl.constexpr, VCH: tl.constexpr,
         VQB: tl.constexpr, VG: tl.constexpr, VCB: tl.constexpr, VNS: tl.constexpr,
         HP: tl.constexpr, TWO_KEYS: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
+        COUNTS_IN_MEMORY: tl.constexpr,
     ):  # fmt: skip
+        if COUNTS_IN_MEMORY:  # a static step (CUDA graphs): the lengths are read from device counters
+            n = tl.load(n_arg)
+            k1_n_q = tl.load(k1_nq)
+            k2_n_q = tl.load(k2_nq)
+            v_n_q = tl.load(v_nq)
+        else:
+            n = n_arg
+            k1_n_q = k1_nq
+            k2_n_q = k2_nq
+            v_n_q = v_nq
         b = tl.program_id(0).to(tl.int64)
         s = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -165,11 +176,11 @@ if triton is not None:
         for t0 in range(start, end, BT):  # every tile holds at least one token, so m turns finite at once
             t = (t0 + tl.arange(0, BT)).to(tl.int64)[:, None]
             live = t < end
-            k = _tile(k1_main, k1_scale, k1_win, k1_sbm, k1_sbs, k1_sbw, k1_nq, nf4_ptr, b, t, c1[None, :],
+            k = _tile(k1_main, k1_scale, k1_win, k1_sbm, k1_sbs, k1_sbw, k1_n_q, nf4_ptr, b, t, c1[None, :],
                       live & (c1[None, :] < K1W), K1W, K1KIND, K1CH, K1QB, K1G, K1CB, K1NS)  # fmt: skip
             scores = tl.dot(k, q1, input_precision=PRECISION)  # (BT, HP)
             if TWO_KEYS:
-                k = _tile(k2_main, k2_scale, k2_win, k2_sbm, k2_sbs, k2_sbw, k2_nq, nf4_ptr, b, t, c2[None, :],
+                k = _tile(k2_main, k2_scale, k2_win, k2_sbm, k2_sbs, k2_sbw, k2_n_q, nf4_ptr, b, t, c2[None, :],
                           live & (c2[None, :] < K2W), K2W, K2KIND, K2CH, K2QB, K2G, K2CB, K2NS)  # fmt: skip
                 scores += tl.dot(k, q2, input_precision=PRECISION)
             scores = tl.where(live, scores, float("-inf"))
@@ -177,7 +188,7 @@ if triton is not None:
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[None, :])
             l = l * alpha + tl.sum(p, axis=0)
-            v = _tile(v_main, v_scale, v_win, v_sbm, v_sbs, v_sbw, v_nq, nf4_ptr, b, t, cv[None, :],
+            v = _tile(v_main, v_scale, v_win, v_sbm, v_sbs, v_sbw, v_n_q, nf4_ptr, b, t, cv[None, :],
                       live & (cv[None, :] < VW), VW, VKIND, VCH, VQB, VG, VCB, VNS)  # fmt: skip
             acc = acc * alpha[:, None] + tl.dot(tl.trans(p), v, input_precision=PRECISION)
             m = m_new
@@ -238,31 +249,34 @@ def decode_partials(
         raise ValueError(f"the fused decode takes one or two key streams, got {names}")
     first = qs[names[0]]
     B, Hkv, g, _ = first.shape
-    device, n = first.device, cache.length
+    device, step = first.device, cache.step
+    n = cache.length if step is None else step.bucket  # a static step covers its bucket; later splits are empty
     v_stream = cache.streams[v_name]
     dv = v_stream.width // Hkv
     HP = _pad(Hkv * g)
     block_t = tile_tokens(max(_pad(cache.streams[name].width) for name in [*names, v_name]))
     split = split_tokens or default_split(n, B, device, block_t)
     n_splits = n_splits or -(-n // split)
-    keys = [(cache.streams[name], qs[name]) for name in names]
+    keys = [(name, qs[name]) for name in names]
     if len(keys) == 1:
         keys.append(keys[0])  # placeholder arguments, not read
     args, meta = [], []
-    for stream, q in keys:
-        runtime, const = _stream_args(stream)
-        args += runtime + [_block_diagonal(q, const[1], HP)]
+    for name, q in [*keys, (v_name, None)]:
+        runtime, const = _stream_args(cache.streams[name])
+        if step is not None:
+            runtime[-1] = step.n_q[name]  # n_q from the counters
+        args += runtime if q is None else [*runtime, _block_diagonal(q, const[1], HP)]
         meta += const
-    v_runtime, v_meta = _stream_args(v_stream)
-    VP = v_meta[1]
+    VP = meta[-7]
     m = torch.empty(B, n_splits, HP, device=device)
     l = torch.empty_like(m)
     acc = torch.empty(B, n_splits, HP, VP, device=device)
-    nf4 = NF4_CODEBOOK.to(device)
+    n_arg = cache.length if step is None else step.n
     precision = "ieee" if device.type == "cpu" else "tf32"
     _decode_splits[(B, n_splits)](
-        *args, *v_runtime, nf4, m, l, acc, n, split, *meta, *v_meta, HP, len(names) == 2, block_t, precision
-    )
+        *args, on_device(NF4_CODEBOOK, device), m, l, acc, n_arg, split,
+        *meta, HP, len(names) == 2, block_t, precision, step is not None,
+    )  # fmt: skip
     # merge the splits by log-sum-exp; an empty split (max -inf) weighs 0
     M = m.amax(dim=1, keepdim=True)
     w = torch.where(m == float("-inf"), torch.zeros_like(m), torch.exp(m - M))

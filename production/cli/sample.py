@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from production.cache import triton_decode
 from production.cache.policy import parse_policy
 from production.config.fields import with_defaults
 from production.config.sampling import SamplingConfig
@@ -28,6 +29,9 @@ def run(values: dict, argv: list[str]) -> int:
     options = ("max_new_tokens", "temperature", "top_k", "greedy", "seed")
     cfg = SamplingConfig(**{k: v[k] for k in options if v[k] is not None})
     runtime = resolve_runtime(v["device"], v["dtype"], compile=False)
+    if v["cuda_graphs"] and (v["kv_policy"] == "none" or not triton_decode.available(runtime.device)):
+        reason = "a KV cache" if v["kv_policy"] == "none" else triton_decode.why_unavailable(runtime.device)
+        raise UserError(f"--cuda-graphs needs {reason}")
     ckpt_path = checkpoint_file(v["ckpt"])
     model, ckpt = load_model(ckpt_path, runtime.device)
     tokenizer = get_tokenizer()
@@ -57,7 +61,9 @@ def run(values: dict, argv: list[str]) -> int:
         sig = device_signature(runtime.device)
         return plan_decode(cache, model.cfg.n_head, model.cfg.kv_heads, runtime.device, sig, store)
 
-    result = generate(model, torch.tensor([ids]), cfg, policy, max_seq, runtime.autocast, on_prefill)
+    result = generate(
+        model, torch.tensor([ids]), cfg, policy, max_seq, runtime.autocast, on_prefill, cuda_graphs=v["cuda_graphs"]
+    )
     new_ids = result["ids"][0].tolist()
     text = tokenizer.decode(new_ids)
     if not v["json"]:
@@ -78,6 +84,7 @@ def run(values: dict, argv: list[str]) -> int:
         "ckpt": str(ckpt_path),
         "ckpt_step": ckpt["step"],
         "decode_plan": result["decode_plan"],
+        "cuda_graphs": v["cuda_graphs"],
     }
     if tuner is not None:
         report["tuner"] = {k: tuner[k] for k in SUMMARY_KEYS}

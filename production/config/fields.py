@@ -127,6 +127,8 @@ FIELDS: tuple[Field, ...] = (
     Field("max_cache_bytes", int, "auto: only policies whose cache fits in this many bytes", "sample", SAMPLE_EVAL),
     Field("tuner_max_candidates", int, "auto: policies judged at most", "sample", SAMPLE_EVAL, MAX_CANDIDATES),
     Field("max_seq", int, "cache capacity in tokens (default: the model's block size)", "sample", SAMPLE),
+    Field("cuda_graphs", SWITCH, "decode steps replayed from CUDA graphs over the fused Triton kernel (CUDA with "
+          "triton; not with --kv-policy none)", "sample", SAMPLE),
     Field("json", SWITCH, "print one JSON object instead of the text", "sample", SAMPLE_EVAL),
     # eval
     Field("lengths", str, "context lengths as multiples of the training block, comma-separated", "eval", EVAL,

@@ -97,7 +97,12 @@ class GPT(nn.Module):
         cache as in forward()."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
-        rope = self.rotary(start, T) if self.rotary is not None else None
+        if self.rotary is None:
+            rope = None
+        elif cache is not None and cache.layers[0].step is not None:  # a static step: the position is on the device
+            rope = self.rotary.at(cache.layers[0].step.pos)
+        else:
+            rope = self.rotary(start, T)
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if cache is None else cache.layers[i])

@@ -74,6 +74,11 @@ class Rotary(nn.Module):
             self._build(max(2 * self.cos.shape[0], start + length), device=self.cos.device)
         return self.cos[start : start + length], self.sin[start : start + length]
 
+    def at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for the positions in device tensor `pos` (n,) int64, read without the host knowing them (a
+        static decode step); the tables must already cover them (call forward up to the largest first)."""
+        return self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D) rotated with tables (T, D); computed in float32 (or wider), returned in x's dtype."""

@@ -12,6 +12,7 @@ from production.cache.policy import KVPolicy
 from production.config.sampling import SamplingConfig
 from production.core.runtime import synchronize
 from production.model.gpt import GPT
+from production.sample.graphs import GraphedDecoder
 
 
 def pick_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
@@ -36,11 +37,13 @@ def generate(
     autocast=None,
     on_prefill=None,
     stop=None,
+    cuda_graphs: bool = False,
 ) -> dict:
     """prompt (B, T) ids -> {"ids": (B, n <= max_new_tokens), "cache_bytes", "prefill_ms", "ms_per_token",
     "decode_plan"}. policy None means no cache: every step recomputes the full sequence. on_prefill(cache), if
     given, runs once the prompt is in the cache (the decode planner); its result is returned as "decode_plan".
-    stop(ids (B, n)), if given, is asked after each new token whether to end early."""
+    stop(ids (B, n)), if given, is asked after each new token whether to end early. cuda_graphs: decode steps
+    through production.sample.graphs (static steps over the fused kernel, captured as CUDA graphs on CUDA)."""
     autocast = autocast or contextlib.nullcontext
     model.eval()
     device = model.wte.weight.device
@@ -54,6 +57,7 @@ def generate(
     synchronize(str(device))
     prefill_ms = 1000 * (time.perf_counter() - t0)
     plan = on_prefill(cache) if on_prefill is not None and cache is not None else None
+    stepper = GraphedDecoder(model, cache) if cuda_graphs and cache is not None else None
     for i in range(cfg.max_new_tokens):
         nxt = pick_next(logits[:, -1].float(), cfg, generator)
         out.append(nxt)
@@ -64,10 +68,14 @@ def generate(
             if cache is None:
                 ids = torch.cat([ids, nxt], dim=1)
                 logits, _ = model(ids, last_only=True)
+            elif stepper is not None:
+                logits = stepper(nxt)
             else:
                 logits, _ = model(nxt, cache=cache, last_only=True)
         synchronize(str(device))
         step_times.append(time.perf_counter() - t0)
+    if stepper is not None:
+        stepper.close()
     return {
         "ids": torch.cat(out, dim=1),
         "cache_bytes": 0 if cache is None else cache.nbytes(),
