@@ -177,7 +177,7 @@ def torchrun_section(plan: Plan, runtime: RuntimeConfig, out: Path) -> dict:
         cmd += [str(REPO_ROOT / "main.py"), "--mode", "train", "--size", plan.size, "--dist", strategy]
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in plan.dims.items() if k != "block_size"]
         cmd += ["--block", str(min(plan.dims.get("block_size", 256), 256)), "--steps", "3", "--eval-every", "3"]
-        cmd += ["--eval-iters", "1", "--device", runtime.device, "--out-dir", str(run_dir)]
+        cmd += ["--eval-iters", "1", "--no-compile", "--device", runtime.device, "--out-dir", str(run_dir)]
         cmd += ["--tuner-store", str(out / "tuner.json")]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
