@@ -10,6 +10,8 @@ from production.core.errors import UserError
 from production.core.vocab import GPT2_VOCAB_SIZE
 
 ATTN_MODES = ("standard", "bottleneck", "decoupled", "gqa")
+FAMILIES = ("gpt", "llama")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,13 @@ class ModelConfig:
     rope_base: float = 10000.0
     vocab_size: int = GPT2_VOCAB_SIZE
     dropout: float = 0.0
+    # the block family: "gpt" (LayerNorm, GELU MLP, tied head) or "llama" (RMSNorm, SwiGLU MLP, head tied or not)
+    family: str = "gpt"
+    norm_eps: float = 1e-5  # RMSNorm's epsilon (llama)
+    tie_embeddings: bool = True
+    # Llama 3's RoPE frequency rescaling, as its config.json states it: factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings (production.model.rope.llama3_frequencies)
+    rope_llama3: dict | None = None
 
     def __post_init__(self):
         if self.attn_mode not in ATTN_MODES:
@@ -70,6 +79,12 @@ class ModelConfig:
                 raise UserError("tie_qk needs K as wide as Q; gqa with kv_heads < n_head cannot tie them")
         elif self.kv_heads != H:
             raise UserError(f"kv_heads applies to gqa only; {self.attn_mode} uses kv_heads = n_head = {H}")
+        if self.family not in FAMILIES:
+            raise UserError(f"unknown block family {self.family!r}; valid: {', '.join(FAMILIES)}")
+        if self.family == "gpt" and not self.tie_embeddings:
+            raise UserError("the gpt block family ties the head to the token embedding")
+        if self.rope_llama3 is not None and set(self.rope_llama3) != set(LLAMA3_ROPE_KEYS):
+            raise UserError(f"rope_llama3 needs exactly {', '.join(LLAMA3_ROPE_KEYS)}, got {sorted(self.rope_llama3)}")
         if self.rope and self.rope_dim % 2:
             raise UserError(f"RoPE needs an even rotated head dim, got {self.rope_dim}")
 

@@ -2,7 +2,8 @@
 
 Pre-LayerNorm blocks, no learned positional embedding (position comes only from RoPE), bias-free linears,
 GELU MLP, token embedding tied to the output head, init N(0, 0.02) with residual output projections scaled
-by 1/sqrt(2 n_layer).
+by 1/sqrt(2 n_layer). The `llama` block family (ModelConfig.family) swaps in RMSNorm and the SwiGLU MLP and may
+untie the head, so Llama-family checkpoints load into the same model (production.model.hf).
 """
 
 from __future__ import annotations
@@ -31,13 +32,30 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+class SwiGLU(nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def norm(cfg: ModelConfig) -> nn.Module:
+    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.family == "llama" else nn.LayerNorm(cfg.d_model)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = norm(cfg)
         self.attn = build_attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg)
+        self.ln2 = norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.family == "llama" else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
@@ -51,10 +69,11 @@ class GPT(nn.Module):
         self.cfg = cfg
         # sparse lookup gradient: it is added into the head's dense gradient of the same (tied) weight, which
         # skips zero-filling and adding a second vocab x d_model buffer every step (~8% of a CPU step at small)
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, sparse=True)
-        self.rotary = Rotary(cfg.rope_dim, cfg.rope_base, cfg.block_size) if cfg.rope else None
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, sparse=cfg.tie_embeddings)
+        self.rotary = self._rotary(None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.reset_parameters()
 
@@ -62,13 +81,15 @@ class GPT(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                is_residual_out = name.endswith(("attn.o", "mlp.proj"))
+                is_residual_out = name.endswith(("attn.o", "mlp.proj", "mlp.down"))
                 nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else 0.02)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, 0.02)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
         for name, p in self.named_parameters():
             if name.endswith(("null_k", "null_v")):
                 nn.init.zeros_(p)
@@ -87,7 +108,7 @@ class GPT(nn.Module):
         (production.model.loss)."""
         x = self.features(idx, cache)
         if targets is not None:
-            return None, head_cross_entropy(self.ln_f(x), self.wte.weight, targets)
+            return None, head_cross_entropy(self.ln_f(x), self.head_weight, targets)
         if last_only:
             x = x[:, -1:]
         return self.head(x), None
@@ -108,16 +129,26 @@ class GPT(nn.Module):
             x = block(x, rope, None if cache is None else cache.layers[i])
         return x
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(vocab, d_model): the token embedding when tied, else the head's own weight."""
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., d_model) -> logits (..., vocab): final LayerNorm and the tied embedding."""
-        return F.linear(self.ln_f(x), self.wte.weight)
+        """Hidden states (..., d_model) -> logits (..., vocab): the final norm and the head."""
+        return F.linear(self.ln_f(x), self.head_weight)
+
+    def _rotary(self, scaling: RopeScaling | None) -> Rotary | None:
+        cfg = self.cfg
+        if not cfg.rope:
+            return None
+        return Rotary(cfg.rope_dim, cfg.rope_base, cfg.block_size, scaling, cfg.rope_llama3)
 
     def set_rope_scaling(self, scaling: RopeScaling | None) -> None:
         """Evaluate past the trained length with a context extension of the RoPE dims (production.model.rope);
         None restores plain RoPE. Models without RoPE are unaffected."""
         if self.rotary is not None:
-            cfg = self.cfg
-            self.rotary = Rotary(cfg.rope_dim, cfg.rope_base, cfg.block_size, scaling).to(self.wte.weight.device)
+            self.rotary = self._rotary(scaling).to(self.wte.weight.device)
 
     def new_cache(
         self, policy: KVPolicy, batch: int, max_seq: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, impl: str = "auto"

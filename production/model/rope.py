@@ -33,10 +33,27 @@ class RopeScaling:
             raise ValueError(f"unknown RoPE scaling {self.kind!r}; use one of {', '.join(SCALINGS)}")
 
 
-def scaled_frequencies(dim: int, base: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
+def llama3_frequencies(freq: torch.Tensor, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3's built-in rescaling of RoPE frequencies (part of the trained model, not an eval-time extension).
+    With L the original context: pairs whose wavelength 2 pi / f is below L / high_freq_factor keep f, those above
+    L / low_freq_factor slow down to f / factor, and those between blend the two linearly in L / wavelength."""
+    L = original_max_position_embeddings
+    turns = L * freq / (2 * math.pi)  # L / wavelength
+    blend = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)  # 1: keep f
+    return (1 - blend) * freq / factor + blend * freq
+
+
+def scaled_frequencies(
+    dim: int, base: float, scaling: RopeScaling | None, llama3: dict | None = None
+) -> tuple[torch.Tensor, float]:
     """Per-pair angular frequencies (D/2,) in float64 under `scaling`, and the factor the cos/sin tables carry
-    (YaRN's logit sharpening, split evenly between q and k)."""
+    (YaRN's logit sharpening, split evenly between q and k). `llama3`: the model's own frequency rescaling
+    (ModelConfig.rope_llama3), which the eval-time extensions do not stack on."""
     exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    if llama3 is not None:
+        if scaling is not None and scaling.kind != "none" and scaling.factor > 1.0:
+            raise ValueError("RoPE context extensions are not supported on top of Llama 3's own rescaling")
+        return llama3_frequencies(base**-exponents, **llama3), 1.0
     s = 1.0 if scaling is None else scaling.factor
     if scaling is None or scaling.kind == "none" or s <= 1.0:
         return base**-exponents, 1.0
@@ -55,14 +72,21 @@ class Rotary(nn.Module):
     frequency base^(-2i/D). Angles are computed in float64 so positions near 128k keep their phase
     (float32 angles there would be off by ~0.01 rad); the tables are stored in float32."""
 
-    def __init__(self, dim: int, base: float = 10000.0, n_positions: int = 1024, scaling: RopeScaling | None = None):
+    def __init__(
+        self,
+        dim: int,
+        base: float = 10000.0,
+        n_positions: int = 1024,
+        scaling: RopeScaling | None = None,
+        llama3: dict | None = None,
+    ):
         super().__init__()
         assert dim % 2 == 0, dim
-        self.dim, self.base, self.scaling = dim, base, scaling
+        self.dim, self.base, self.scaling, self.llama3 = dim, base, scaling, llama3
         self._build(n_positions, device=None)
 
     def _build(self, n: int, device) -> None:
-        inv_freq, mscale = scaled_frequencies(self.dim, self.base, self.scaling)  # (D/2,)
+        inv_freq, mscale = scaled_frequencies(self.dim, self.base, self.scaling, self.llama3)  # (D/2,)
         angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (n, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (n, D): dims i and i + D/2 share an angle
         self.register_buffer("cos", (mscale * angles.cos()).float().to(device), persistent=False)
