@@ -1,14 +1,16 @@
 """Every attention variant against a naive softmax attention written here, independently of the code under
 test: explicit per-head score matrices, RoPE as complex rotation, the null column appended by hand."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from production.cache.policy import parse_policy
 from production.config.build import resolve_model
 from production.config.presets import EXPERIMENTS, SIZES
-from production.model.attention import ATTENTION, DecoupledAttention, MultiHeadAttention, build_attention
+from production.model.attention import ATTENTION, DecoupledAttention, MultiHeadAttention, build_attention, cache_widths
 from production.model.config import ATTN_MODES
 from production.model.gpt import GPT
 from production.model.rope import Rotary, apply_rope
@@ -60,23 +62,24 @@ def naive_mha(m: MultiHeadAttention, x: torch.Tensor, rope: bool) -> torch.Tenso
 
 def naive_decoupled(m: DecoupledAttention, x: torch.Tensor, rope: bool) -> torch.Tensor:
     """Sum of the two separately scaled score matrices, as docs/ARCHITECTURE.md defines it."""
-    H, s, g = m.n_head, m.sem_head, m.geo_head
+    H, Hkv, s, g = m.n_head, m.kv_heads, m.sem_head, m.geo_head
     qs, ks = x @ m.q_sem.weight.T, x @ m.k_sem.weight.T
     qg, kg = x @ m.q_geo.weight.T, x @ m.k_geo.weight.T
     v = x @ m.v.weight.T
-    dv = v.shape[1] // H
+    dv = v.shape[1] // Hkv
     heads = []
     for h in range(H):
-        qsh, ksh = qs[:, h * s : (h + 1) * s], ks[:, h * s : (h + 1) * s]
-        qgh, kgh = qg[:, h * g : (h + 1) * g], kg[:, h * g : (h + 1) * g]
+        j = h // (H // Hkv)  # the K/V head this query head reads
+        qsh, ksh = qs[:, h * s : (h + 1) * s], ks[:, j * s : (j + 1) * s]
+        qgh, kgh = qg[:, h * g : (h + 1) * g], kg[:, j * g : (j + 1) * g]
         if rope:
             qgh, kgh = rope_ref(qgh), rope_ref(kgh)
         scores = qsh @ ksh.T / math.sqrt(s) + qgh @ kgh.T / math.sqrt(g)
         null_s = null_v = None
         if m.null_k is not None:  # the null key's geometric part is not rotated
-            null_s = qsh @ m.null_k[h, :s] / math.sqrt(s) + qgh @ m.null_k[h, s:] / math.sqrt(g)
-            null_v = m.null_v[h]
-        heads.append(softmax_attend(scores, v[:, h * dv : (h + 1) * dv], null_s, null_v))
+            null_s = qsh @ m.null_k[j, :s] / math.sqrt(s) + qgh @ m.null_k[j, s:] / math.sqrt(g)
+            null_v = m.null_v[j]
+        heads.append(softmax_attend(scores, v[:, j * dv : (j + 1) * dv], null_s, null_v))
     return torch.cat(heads, dim=1) @ m.o.weight.T
 
 
@@ -222,3 +225,29 @@ def test_registry_covers_every_mode_and_rejects_unknown():
     object.__setattr__(cfg, "attn_mode", "sparse")
     with pytest.raises(ValueError, match="registered"):
         build_attention(cfg)
+
+
+def test_grouped_decoupled_matches_naive_and_decodes_through_a_cache():
+    """Decoupled attention with K/V heads shared by pairs of query heads (an upcycled GQA model's shape)."""
+    cfg = dataclasses.replace(
+        resolve_model("nano", "paper_decoupled", {"d_model": 64, "n_head": 4, "block_size": 16}),
+        kv_heads=2,
+        tie_qk=False,
+        null_attn=True,
+    )
+    torch.manual_seed(0)
+    gpt = GPT(cfg).double()
+    attn = gpt.blocks[0].attn
+    with torch.no_grad():
+        attn.null_k.normal_(0, 1.0)
+        attn.null_v.normal_(0, 1.0)
+    assert attn.k_geo.out_features == 2 * cfg.geo_dim // 4 and cache_widths(cfg)["v"] == 2 * cfg.head_dim
+    x = torch.randn(1, 9, cfg.d_model, dtype=torch.float64)
+    torch.testing.assert_close(run_module(gpt, attn, x)[0], naive_decoupled(attn, x[0], True), atol=TOL, rtol=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    gpt = gpt.float().eval()
+    with torch.no_grad():
+        full, _ = gpt(ids)
+        cache = gpt.new_cache(parse_policy("fp32", list(cache_widths(cfg)), cfg.n_layer), 2, 16)
+        steps = [gpt(ids[:, :5], cache=cache)[0]] + [gpt(ids[:, t : t + 1], cache=cache)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

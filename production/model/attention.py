@@ -128,39 +128,41 @@ class MultiHeadAttention(nn.Module):
 
 class DecoupledAttention(nn.Module):
     """Semantic path (sem_dim, no RoPE; Q and K tied when tie_qk) + geometric path (geo_dim, RoPE).
-    V has attn_dim = sem_dim + geo_dim, so q_cat, k_cat and v share one head dim."""
+    V has attn_dim = sem_dim + geo_dim, so q_cat, k_cat and v share one head dim. With kv_heads < n_head
+    (grouped, as an upcycled GQA model has) K and V have kv_heads heads, each shared by a group of query heads."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, H = cfg.d_model, cfg.n_head
-        self.n_head = H
+        d, H, Hkv = cfg.d_model, cfg.n_head, cfg.kv_heads
+        self.n_head, self.kv_heads = H, Hkv
         self.sem_head, self.geo_head = cfg.sem_dim // H, cfg.geo_dim // H
         self.q_sem = nn.Linear(d, cfg.sem_dim, bias=False)
-        self.k_sem = self.q_sem if cfg.tie_qk else nn.Linear(d, cfg.sem_dim, bias=False)
+        self.k_sem = self.q_sem if cfg.tie_qk else nn.Linear(d, Hkv * self.sem_head, bias=False)
         self.q_geo = nn.Linear(d, cfg.geo_dim, bias=False)
-        self.k_geo = nn.Linear(d, cfg.geo_dim, bias=False)
-        self.v = nn.Linear(d, cfg.attn_dim, bias=False)
+        self.k_geo = nn.Linear(d, Hkv * self.geo_head, bias=False)
+        self.v = nn.Linear(d, Hkv * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.attn_dim, d, bias=False)
         # null key laid out like k_cat: [sem | geo] per head, geometric part not rotated
-        self.null_k = nn.Parameter(torch.zeros(H, cfg.head_dim)) if cfg.null_attn else None
-        self.null_v = nn.Parameter(torch.zeros(H, cfg.head_dim)) if cfg.null_attn else None
+        self.null_k = nn.Parameter(torch.zeros(Hkv, cfg.head_dim)) if cfg.null_attn else None
+        self.null_v = nn.Parameter(torch.zeros(Hkv, cfg.head_dim)) if cfg.null_attn else None
 
     @staticmethod
     def cache_widths(cfg: ModelConfig) -> dict[str, int]:
-        return {"k_sem": cfg.sem_dim, "k_geo": cfg.geo_dim, "v": cfg.attn_dim}
+        Hkv, H = cfg.kv_heads, cfg.n_head
+        return {"k_sem": Hkv * cfg.sem_dim // H, "k_geo": Hkv * cfg.geo_dim // H, "v": Hkv * cfg.head_dim}
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: LayerCache | None = None) -> torch.Tensor:
-        H = self.n_head
+        H, Hkv = self.n_head, self.kv_heads
         if self.k_sem is self.q_sem:
             q_sem, q_geo, k_geo, v = fused_linear(x, [self.q_sem, self.q_geo, self.k_geo, self.v])
             k_sem = q_sem
         else:
             q_sem, k_sem, q_geo, k_geo, v = fused_linear(x, [self.q_sem, self.k_sem, self.q_geo, self.k_geo, self.v])
-        q_sem, k_sem = split_heads(q_sem, H), split_heads(k_sem, H)  # (B, H, T, s)
-        q_geo, k_geo = split_heads(q_geo, H), split_heads(k_geo, H)  # (B, H, T, g)
+        q_sem, k_sem = split_heads(q_sem, H), split_heads(k_sem, Hkv)  # (B, H or Hkv, T, s)
+        q_geo, k_geo = split_heads(q_geo, H), split_heads(k_geo, Hkv)  # (B, H or Hkv, T, g)
         if rope is not None:
             q_geo, k_geo = apply_rope(q_geo, *rope), apply_rope(k_geo, *rope)
-        v = split_heads(v, H)
+        v = split_heads(v, Hkv)
         q_sem, q_geo = q_sem * self.sem_head**-0.5, q_geo * self.geo_head**-0.5
         if cache is not None and cache.length > 0:
             cache.append({"k_sem": merge_heads(k_sem), "k_geo": merge_heads(k_geo), "v": merge_heads(v)})

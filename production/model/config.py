@@ -72,13 +72,13 @@ class ModelConfig:
                 raise UserError(f"n_head={H} must divide sem_dim={self.sem_dim} and geo_dim={self.geo_dim}")
         elif self.sem_dim is not None or self.geo_dim is not None:
             raise UserError(f"sem_dim/geo_dim apply to decoupled attention only, not {self.attn_mode}")
-        if self.attn_mode == "gqa":
+        if self.attn_mode in ("gqa", "decoupled"):  # decoupled is grouped when upcycled from a GQA model
             if H % self.kv_heads:
                 raise UserError(f"kv_heads={self.kv_heads} must divide n_head={H}")
             if self.tie_qk and self.kv_heads != H:
-                raise UserError("tie_qk needs K as wide as Q; gqa with kv_heads < n_head cannot tie them")
+                raise UserError(f"tie_qk needs K as wide as Q; {self.attn_mode} with kv_heads < n_head cannot tie")
         elif self.kv_heads != H:
-            raise UserError(f"kv_heads applies to gqa only; {self.attn_mode} uses kv_heads = n_head = {H}")
+            raise UserError(f"kv_heads applies to gqa and decoupled only; {self.attn_mode} uses n_head = {H}")
         if self.family not in FAMILIES:
             raise UserError(f"unknown block family {self.family!r}; valid: {', '.join(FAMILIES)}")
         if self.family == "gpt" and not self.tie_embeddings:
