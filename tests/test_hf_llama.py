@@ -8,6 +8,7 @@ import torch
 
 from production.core.errors import UserError
 from production.model.hf import load_hf_llama
+from production.upcycle.surgery import upcycle
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,3 +55,14 @@ def test_bad_directories_are_user_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPTNeoXForCausalLM"]}))
     with pytest.raises(UserError, match="unsupported architecture 'GPTNeoXForCausalLM'; supported: LlamaForCausalLM"):
         load_hf_llama(tmp_path)
+
+
+def test_upcycled_llama_at_full_rank_equals_transformers(tmp_path):
+    """The exact start holds for a Hugging Face GQA Llama with Llama 3 RoPE too."""
+    theirs = tiny_llama(tmp_path, False, 2, LLAMA3)
+    ours = load_hf_llama(tmp_path)
+    student, _ = upcycle(ours, torch.randint(0, 300, (2, 40)), sem=1, geo=ours.cfg.head_dim)
+    assert student.cfg.family == "llama" and student.cfg.attn_mode == "decoupled" and student.cfg.kv_heads == 2
+    ids = torch.randint(0, 300, (2, 150))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids)[0], theirs(ids).logits, atol=1e-5, rtol=1e-5)

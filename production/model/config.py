@@ -41,6 +41,10 @@ class ModelConfig:
     # Llama 3's RoPE frequency rescaling, as its config.json states it: factor, low_freq_factor,
     # high_freq_factor, original_max_position_embeddings (production.model.rope.llama3_frequencies)
     rope_llama3: dict | None = None
+    # RoPE frequencies chosen per layer (an upcycled model keeps the teacher's most important pairs): layer l's
+    # rotated dims turn at the frequencies of pairs rope_pairs[l] of a head of rope_source_dim dims
+    rope_pairs: list | None = None
+    rope_source_dim: int | None = None
 
     def __post_init__(self):
         if self.attn_mode not in ATTN_MODES:
@@ -85,6 +89,16 @@ class ModelConfig:
             raise UserError("the gpt block family ties the head to the token embedding")
         if self.rope_llama3 is not None and set(self.rope_llama3) != set(LLAMA3_ROPE_KEYS):
             raise UserError(f"rope_llama3 needs exactly {', '.join(LLAMA3_ROPE_KEYS)}, got {sorted(self.rope_llama3)}")
+        if (self.rope_pairs is None) != (self.rope_source_dim is None):
+            raise UserError("rope_pairs and rope_source_dim go together")
+        if self.rope_pairs is not None:
+            half = self.rope_source_dim // 2
+            ok = len(self.rope_pairs) == self.n_layer and all(
+                len(p) == self.rope_dim // 2 and len(set(p)) == len(p) and all(0 <= i < half for i in p)
+                for p in self.rope_pairs
+            )
+            if not ok:
+                raise UserError(f"rope_pairs needs, per layer, {self.rope_dim // 2} distinct pairs of {half}")
         if self.rope and self.rope_dim % 2:
             raise UserError(f"RoPE needs an even rotated head dim, got {self.rope_dim}")
 

@@ -71,6 +71,10 @@ class GPT(nn.Module):
         # skips zero-filling and adding a second vocab x d_model buffer every step (~8% of a CPU step at small)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, sparse=cfg.tie_embeddings)
         self.rotary = self._rotary(None)
+        if cfg.rope_pairs is not None:  # per layer: the table columns of its pairs (i and i + D/2 share a frequency)
+            half = cfg.rope_source_dim // 2
+            cols = torch.tensor([[*p, *(i + half for i in p)] for p in cfg.rope_pairs], dtype=torch.long)
+            self.register_buffer("rope_columns", cols, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -126,8 +130,15 @@ class GPT(nn.Module):
             rope = self.rotary(start, T)
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if cache is None else cache.layers[i])
+            x = block(x, self.layer_rope(rope, i), None if cache is None else cache.layers[i])
         return x
+
+    def layer_rope(self, rope, layer: int):
+        """Layer `layer`'s cos/sin tables: the model's, or the columns of its chosen pairs (cfg.rope_pairs)."""
+        if rope is None or self.cfg.rope_pairs is None:
+            return rope
+        cols = self.rope_columns[layer]
+        return rope[0].index_select(-1, cols), rope[1].index_select(-1, cols)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -139,10 +150,12 @@ class GPT(nn.Module):
         return F.linear(self.ln_f(x), self.head_weight)
 
     def _rotary(self, scaling: RopeScaling | None) -> Rotary | None:
+        """The RoPE tables: for rope_dim, or for rope_source_dim when layers pick their pairs from it."""
         cfg = self.cfg
         if not cfg.rope:
             return None
-        return Rotary(cfg.rope_dim, cfg.rope_base, cfg.block_size, scaling, cfg.rope_llama3)
+        dim = cfg.rope_dim if cfg.rope_pairs is None else cfg.rope_source_dim
+        return Rotary(dim, cfg.rope_base, cfg.block_size, scaling, cfg.rope_llama3)
 
     def set_rope_scaling(self, scaling: RopeScaling | None) -> None:
         """Evaluate past the trained length with a context extension of the RoPE dims (production.model.rope);
