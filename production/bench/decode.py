@@ -74,11 +74,11 @@ def decode_step(model: GPT, cache, runtime, stepper: GraphedDecoder | None = Non
     token = torch.zeros(cache.batch, 1, dtype=torch.long, device=runtime.device)
     synchronize(runtime.device)
     t0 = time.perf_counter()
-    with runtime.autocast():
-        if stepper is None:
+    if stepper is not None:  # applies the run's autocast itself
+        stepper(token)
+    else:
+        with runtime.autocast():
             model(token, cache=cache, last_only=True)
-        else:
-            stepper(token)
     synchronize(runtime.device)
     return time.perf_counter() - t0
 

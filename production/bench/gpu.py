@@ -4,7 +4,7 @@
     python -m production.bench_gpu --out /tmp/smoke --quick --device cpu   (a CPU smoke run of every section)
 
 Sections, each recorded even when another fails:
-- tests:    the CUDA tests (tests/test_cuda.py, the fused-attention and fused-decode tests) through pytest;
+- tests:    the CUDA tests (tests/test_cuda.py, fused attention, fused decode, CUDA graphs) through pytest;
 - train:    tokens/s, MFU and peak memory per exp at `small`, block 1024, bf16, eager and compiled, with the SDPA
             backends each exp's attention runs on (forward and backward with one backend allowed at a time);
 - decode:   ms/token and effective GB/s of cache bytes read, standard fp16, decoupled fp16 and the paper's
@@ -48,7 +48,12 @@ from production.model.rope import Rotary
 SECTIONS = ("tests", "train", "decode", "mem128k", "torchrun")
 TRAIN_EXPS = ("paper_baseline", "paper_bottleneck", "paper_decoupled", "paper_decoupled_null", "paper_gqa")
 BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
-CUDA_TESTS = ("tests/test_cuda.py", "tests/test_fused_attention.py", "tests/test_triton_decode.py")
+CUDA_TESTS = (
+    "tests/test_cuda.py",
+    "tests/test_fused_attention.py",
+    "tests/test_triton_decode.py",
+    "tests/test_static_decode.py",
+)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,8 @@ if triton is not None:
             x = tl.where(t < n_q, x, w)
         return x
 
-    @triton.jit
+    # lengths change every step: no recompiles for a value that happens to be 1 or a multiple of 16
+    @triton.jit(do_not_specialize=["n_arg", "k1_nq", "k2_nq", "v_nq", "split_tokens"])
     def _decode_splits(
         # first key stream and its block-diagonal queries (B, K1P, HP)
         k1_main, k1_scale, k1_win, k1_sbm, k1_sbs, k1_sbw, k1_nq, q1_ptr,
@@ -273,9 +274,11 @@ def decode_partials(
     acc = torch.empty(B, n_splits, HP, VP, device=device)
     n_arg = cache.length if step is None else step.n
     precision = "ieee" if device.type == "cpu" else "tf32"
+    # 8 warps keep the small presets' tiles in registers; wide streams pipeline less to fit shared memory (sm_90)
+    stages = 2 if max(meta[1], meta[9], VP) <= 256 else 1
     _decode_splits[(B, n_splits)](
         *args, on_device(NF4_CODEBOOK, device), m, l, acc, n_arg, split,
-        *meta, HP, len(names) == 2, block_t, precision, step is not None,
+        *meta, HP, len(names) == 2, block_t, precision, step is not None, num_warps=8, num_stages=stages,
     )  # fmt: skip
     # merge the splits by log-sum-exp; an empty split (max -inf) weighs 0
     M = m.amax(dim=1, keepdim=True)

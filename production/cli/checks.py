@@ -85,4 +85,26 @@ def check_eval(v: dict) -> None:
         raise UserError(f"--out {v['out']} is a directory; give the report's file name, e.g. {v['out']}/eval.json")
 
 
+def check_upcycle(v: dict) -> None:
+    """What can be known without torch: the teacher's path, numbers, the data file."""
+    check_device(v["device"])
+    teacher = v["teacher"]
+    if teacher is None:
+        raise UserError(
+            "--mode upcycle needs --teacher (a standard/GQA run directory or a Hugging Face Llama directory)"
+        )
+    if not teacher.exists():
+        raise UserError(f"--teacher {teacher} does not exist")
+    if teacher.is_dir() and not (teacher / "config.json").exists():
+        checkpoint_file(teacher)  # a run directory must hold best.pt or last.pt
+    if v["target_kv_ratio"] is None and v["sem_dim"] is None:
+        raise UserError("--mode upcycle needs --target-kv-ratio R (comma-separated) or --sem-dim and --geo-dim")
+    for name, low in (("layer_steps", 0), ("steps", 1)):
+        if v[name] is not None and v[name] < low:
+            raise UserError(f"{BY_NAME[name].cli} must be >= {low}, got {v[name]}")
+    if v["data"] is not None:
+        open_tokens(v["data"])
+
+
 CHECKS = {"train": check_train, "sample": check_sample, "export": check_export, "eval": check_eval}
+CHECKS["upcycle"] = check_upcycle

@@ -20,8 +20,10 @@ from production.core.errors import UserError
 from production.core.layout import CORPUS_CACHE_DIR, DEFAULT_TUNER_STORE
 
 TRAIN, SAMPLE, BOTH, EXPORT, EVAL = ("train",), ("sample",), ("train", "sample"), ("export",), ("eval",)
-RUNS = (*BOTH, *EVAL)  # the modes that run a model
-ALL = (*BOTH, *EXPORT, *EVAL)
+UPCYCLE = ("upcycle",)
+TRAINS = (*TRAIN, *UPCYCLE)  # the modes that train: the recipe's options
+RUNS = (*BOTH, *EVAL, *UPCYCLE)  # the modes that run a model
+ALL = (*BOTH, *EXPORT, *EVAL, *UPCYCLE)
 SAMPLE_EVAL = (*SAMPLE, *EVAL)
 SWITCH = "switch"  # a store_true flag; `bool` fields get --x / --no-x
 
@@ -53,7 +55,7 @@ def _guard_default(name: str):
 PRESET = " (default: the preset's)"
 # fmt: off
 FIELDS: tuple[Field, ...] = (
-    Field("mode", str, "what to do", "common", ALL, "train", choices=("train", "sample", "export", "eval")),
+    Field("mode", str, "what to do", "common", ALL, "train", choices=("train", "sample", "export", "eval", "upcycle")),
     Field("seed", int, "train: the run's seed (default 1337); sample: the sampling seed; eval: windows and probes "
           "(default 1337)", "train", RUNS),
     Field("device", str, "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps", "runtime", RUNS, "auto"),
@@ -65,8 +67,9 @@ FIELDS: tuple[Field, ...] = (
     Field("exp", str, f"experiment preset: {', '.join(EXPERIMENTS)}", "run", TRAIN, DEFAULT_EXP),
     Field("data", Path, ".npy uint16 tokens, llm.c .bin shard, or a folder of shards (default: the embedded "
           "Shakespeare corpus; eval: the run's own data, else the embedded corpus; its validation split)", "run",
-          (*TRAIN, *EVAL)),
-    Field("out_dir", Path, "run directory (default: runs/<size>_<exp>_s<seed>)", "run"),
+          (*TRAINS, *EVAL)),
+    Field("out_dir", Path, "run directory (default: runs/<size>_<exp>_s<seed>; upcycle: runs/upcycle_<teacher>)",
+          "run", TRAINS),
     # train: architecture overrides
     Field("n_layer", int, "transformer blocks" + PRESET, "model"),
     Field("d_model", int, "residual width" + PRESET, "model"),
@@ -74,25 +77,25 @@ FIELDS: tuple[Field, ...] = (
     Field("d_ff", int, "MLP hidden width" + PRESET, "model"),
     Field("block_size", int, "context length in tokens" + PRESET, "model", flag="--block"),
     Field("attn_dim", int, "total Q/K/V width of bottleneck and decoupled attention" + PRESET, "model"),
-    Field("sem_dim", int, "decoupled: semantic (position-free) Q/K width" + PRESET, "model"),
-    Field("geo_dim", int, "decoupled: geometric (RoPE) Q/K width" + PRESET, "model"),
+    Field("sem_dim", int, "decoupled: semantic (position-free) Q/K width" + PRESET, "model", TRAINS),
+    Field("geo_dim", int, "decoupled: geometric (RoPE) Q/K width" + PRESET, "model", TRAINS),
     Field("kv_heads", int, "gqa: key/value heads" + PRESET, "model"),
     Field("dropout", float, "dropout probability (default 0)", "model"),
     Field("null_attn", bool, "a learned always-visible null key/value (default: the exp's)", "model"),
     Field("tie_qk", bool, "tie the (semantic) query and key projections (default: the exp's)", "model"),
     Field("rope", bool, "rotary position embedding (default: the exp's)", "model"),
     # train: recipe overrides
-    Field("batch_size", int, "windows per micro-batch" + PRESET, "train"),
+    Field("batch_size", int, "windows per micro-batch" + PRESET, "train", TRAINS),
     Field("grad_accum", int, "micro-batches per optimizer step" + PRESET, "train"),
-    Field("warmup_steps", int, "linear warmup steps (default: min(200, steps / 10))", "train"),
-    Field("steps", int, "optimizer steps; 0 writes resolved_config.json and exits" + PRESET, "train"),
-    Field("eval_every", int, "steps between evaluations" + PRESET, "train"),
-    Field("eval_iters", int, "validation batches per evaluation" + PRESET, "train"),
-    Field("log_every", int, "steps between train events (default 10)", "train"),
-    Field("lr", float, "peak learning rate (default: the exp's)", "train"),
-    Field("min_lr", float, "final learning rate of the cosine (default 0.1 lr)", "train"),
-    Field("weight_decay", float, "AdamW weight decay on 2-D weights (default 0.1)", "train"),
-    Field("grad_clip", float, "gradient-norm clip (default 1.0)", "train"),
+    Field("warmup_steps", int, "linear warmup steps (default: min(200, steps / 10))", "train", TRAINS),
+    Field("steps", int, "optimizer steps; 0 writes resolved_config.json and exits" + PRESET, "train", TRAINS),
+    Field("eval_every", int, "steps between evaluations" + PRESET, "train", TRAINS),
+    Field("eval_iters", int, "validation batches per evaluation" + PRESET, "train", TRAINS),
+    Field("log_every", int, "steps between train events (default 10)", "train", TRAINS),
+    Field("lr", float, "peak learning rate (default: the exp's)", "train", TRAINS),
+    Field("min_lr", float, "final learning rate of the cosine (default 0.1 lr)", "train", TRAINS),
+    Field("weight_decay", float, "AdamW weight decay on 2-D weights (default 0.1)", "train", TRAINS),
+    Field("grad_clip", float, "gradient-norm clip (default 1.0)", "train", TRAINS),
     # train: how the run executes
     Field("stop_at", int, "train up to this step, save last.pt and exit (then --resume)", "run"),
     Field("tracker", str, "mirror the run's events to an experiment tracker (opt-in)", "run", default="none",
@@ -100,11 +103,18 @@ FIELDS: tuple[Field, ...] = (
     Field("tracker_group", str, "tracker: the group the run belongs to (the manifest runner passes its group)", "run"),
     Field("save_every_s", float, "also write last.pt between evaluations once this many seconds passed", "run",
           default=300.0),
-    Field("resume", SWITCH, "continue the run in --out-dir from its last.pt", "run"),
+    Field("resume", SWITCH, "continue the run in --out-dir from its last.pt", "run", TRAINS),
     Field("resume_path", Path, "continue from this checkpoint (implies --resume)", "run"),
     Field("compile", bool, "torch.compile the model (default: measured by the tuner on CUDA, off elsewhere)",
           "runtime"),
     Field("dist", str, "under torchrun: DDP (default) or FSDP2 fully_shard", "run", choices=("ddp", "fsdp")),
+    # upcycle
+    Field("teacher", Path, "upcycle: the model to convert: a run directory or checkpoint of a standard or GQA run, or "
+          "a Hugging Face Llama directory (config.json + safetensors)", "upcycle", UPCYCLE),
+    Field("target_kv_ratio", str, "upcycle: cache sizes to reach, as ratios to the teacher's fp16 K/V cache, "
+          "comma-separated (or --sem-dim/--geo-dim)", "upcycle", UPCYCLE),
+    Field("layer_steps", int, "upcycle: steps of layer-wise attention matching before the logit distillation",
+          "upcycle", UPCYCLE, 50),
     # sample
     Field("ckpt", Path, "checkpoint: runs/<id>/best.pt, a run directory or an export directory", "sample",
           ALL[1:]),

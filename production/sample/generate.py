@@ -57,21 +57,22 @@ def generate(
     synchronize(str(device))
     prefill_ms = 1000 * (time.perf_counter() - t0)
     plan = on_prefill(cache) if on_prefill is not None and cache is not None else None
-    stepper = GraphedDecoder(model, cache) if cuda_graphs and cache is not None else None
+    stepper = GraphedDecoder(model, cache, autocast) if cuda_graphs and cache is not None else None
     for i in range(cfg.max_new_tokens):
         nxt = pick_next(logits[:, -1].float(), cfg, generator)
         out.append(nxt)
         if i == cfg.max_new_tokens - 1 or (stop is not None and stop(torch.cat(out, dim=1))):
             break
         t0 = time.perf_counter()
-        with autocast():
-            if cache is None:
-                ids = torch.cat([ids, nxt], dim=1)
-                logits, _ = model(ids, last_only=True)
-            elif stepper is not None:
-                logits = stepper(nxt)
-            else:
-                logits, _ = model(nxt, cache=cache, last_only=True)
+        if stepper is not None:  # applies the run's autocast itself (without its weight cache)
+            logits = stepper(nxt)
+        else:
+            with autocast():
+                if cache is None:
+                    ids = torch.cat([ids, nxt], dim=1)
+                    logits, _ = model(ids, last_only=True)
+                else:
+                    logits, _ = model(nxt, cache=cache, last_only=True)
         synchronize(str(device))
         step_times.append(time.perf_counter() - t0)
     if stepper is not None:

@@ -25,11 +25,19 @@ class GraphedDecoder:
     """Decode steps for `cache` (prompt already prefilled) through the fused kernel, captured as CUDA graphs."""
 
     def __init__(self, model: GPT, cache: KVCache, autocast=None, capture: bool | None = None):
+        """autocast: the run's autocast factory (or None); its dtype is reused with autocast's weight cache off,
+        since cached casts made outside a capture would be freed under the graph. Call the decoder outside any
+        autocast."""
         device = model.wte.weight.device
         if not triton_decode.available(device):
             raise ValueError("static decode steps run the fused kernel: " + triton_decode.why_unavailable(device))
-        self.model, self.cache = model, cache
-        self.autocast = autocast or contextlib.nullcontext
+        self.model, self.cache, self.device_type = model, cache, device.type
+        self.autocast = contextlib.nullcontext
+        if autocast is not None:
+            with autocast():
+                enabled, dtype = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+            if enabled:
+                self.autocast = lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=False)
         self.capture = device.type == "cuda" if capture is None else capture
         if model.rotary is not None:
             model.rotary(0, cache.max_seq)  # RoPE tables for every position, built now, outside any capture
@@ -45,6 +53,8 @@ class GraphedDecoder:
     @torch.no_grad()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """token (B, 1) -> logits (B, 1, vocab) of the next position; the token joins the cache."""
+        if self.capture and torch.is_autocast_enabled(self.device_type):
+            raise RuntimeError("call GraphedDecoder outside autocast: it applies the run's own, without weight caching")
         key = self.step.prepare()
         self.token.copy_(token)
         if not self.capture:

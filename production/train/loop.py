@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,12 @@ class Job:
     tracker: str = "none"  # tensorboard | wandb | none: mirrors the event log (rank 0)
     tracker_group: str | None = None
     ctx: DistContext = field(default_factory=DistContext)
+    # a fresh run starts from these weights instead of random ones (an upcycled student)
+    init_weights: dict | None = None
+    # what the training steps minimise: objective(model) -> a module whose forward(x, y) returns (None, loss),
+    # told each step by at_step(step) (production.upcycle.distill); None: the model's own cross-entropy.
+    # Evaluations always report the model's cross-entropy.
+    objective: Callable[[GPT], nn.Module] | None = None
 
     def say(self, *args, **kwargs) -> None:
         if self.ctx.is_main:
@@ -74,6 +81,7 @@ class State:
     model: GPT
     wrapped: nn.Module  # the DDP / FSDP2 wrapper (the model itself in a single process)
     fwd: nn.Module  # what runs the forward: `wrapped`, compiled when the tuner chose it
+    loss_fwd: nn.Module  # what the training steps call: `fwd`, or the job's objective
     optimizer: torch.optim.Optimizer
     sampler: WindowSampler
     micro_batch: int
@@ -188,6 +196,8 @@ def restore(job: Job, log: EventLog, heap_retained: bool) -> State:
         if torch.device(device).type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
+    elif job.init_weights is not None:
+        model.load_state_dict(job.init_weights)
     model.to(device)
     env = {
         **environment(device),
@@ -217,9 +227,11 @@ def restore(job: Job, log: EventLog, heap_retained: bool) -> State:
         sampler.load_state_dict(ckpt["sampler"])
     val_batches = fixed_batches(job.splits.val, job.model_cfg.block_size, cfg.batch_size, cfg.eval_iters)
     fwd = torch.compile(wrapped) if plan.compile else wrapped
+    loss_fwd = fwd if job.objective is None else job.objective(model)
     state = State(
-        model, wrapped, fwd, optimizer, sampler, plan.micro_batch, plan.grad_accum, val_batches, step, best_val
-    )
+        model, wrapped, fwd, loss_fwd, optimizer, sampler, plan.micro_batch, plan.grad_accum, val_batches, step,
+        best_val,
+    )  # fmt: skip
     if ckpt is not None:
         state.recent_losses = list(ckpt.get("recent_losses", []))
         state.eval_pending, state.saved_step = ckpt.get("eval_pending", False), step
@@ -255,6 +267,8 @@ def train_step(state: State, job: Job, log: EventLog) -> tuple[float, float, flo
     ctx, device = job.ctx, job.runtime.device
     local_accum = state.grad_accum // ctx.world_size
     loss_sum, done_local = torch.zeros((), device=device), 0
+    if hasattr(state.loss_fwd, "at_step"):
+        state.loss_fwd.at_step(state.step)
     for i in range(state.grad_accum):
         if i % ctx.world_size != ctx.rank:
             state.sampler.skip_batch()
@@ -262,7 +276,7 @@ def train_step(state: State, job: Job, log: EventLog) -> tuple[float, float, flo
         x, y = state.sampler.next_batch()
         done_local += 1
         with grad_sync(state.wrapped, ctx, sync=done_local == local_accum), job.runtime.autocast():
-            _, loss = state.fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            _, loss = state.loss_fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (loss / local_accum).backward()
         loss_sum += loss.detach().float()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), job.cfg.grad_clip)
