@@ -1,9 +1,12 @@
 """Upcycling: the surgery's exact start at full rank (this harness's standard and GQA models, a Hugging Face
 Llama), and the compressed student's shapes and cache."""
 
+import json
+
 import pytest
 import torch
 
+from conftest import TINY, assert_user_error, run_main
 from production.config.build import resolve_model
 from production.core.errors import UserError
 from production.model.attention import cache_widths
@@ -56,3 +59,57 @@ def test_bad_requests():
         student_config(resolve_model("nano", "paper_decoupled", {}), 4, 8)
     with pytest.raises(UserError, match="geo_dim even"):
         student_config(cfg, 4, 7)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, token_file):
+    out = tmp_path_factory.mktemp("upcycle") / "teacher"
+    proc = run_main(
+        "--mode", "train", *TINY, "--exp", "paper_baseline", "--data", token_file, "--out-dir", out,
+        "--steps", "3", "--eval-iters", "1", "--tuner-store", out.parent / "t.json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_upcycle_mode_writes_runs_report_and_figure(tiny_teacher, token_file, tmp_path):
+    out = tmp_path / "up"
+    args = ["--mode", "upcycle", "--teacher", tiny_teacher, "--data", token_file, "--out-dir", out, "--device", "cpu",
+            "--target-kv-ratio", "2", "--sem-dim", "8", "--geo-dim", "16", "--steps", "4", "--layer-steps", "2",
+            "--eval-every", "2", "--eval-iters", "1", "--batch-size", "2",
+            "--tuner-store", tmp_path / "t.json"]  # fmt: skip
+    proc = run_main(*args)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "upcycle.json").read_text())
+    assert report["schema"] == "dba.upcycle/1" and report["teacher"]["attn_mode"] == "standard"
+    assert [r["target"] for r in report["targets"]] == ["2x", "sem8_geo16"]
+    for row in report["targets"]:
+        assert row["kv_bytes_per_token"]["teacher_fp16"] == 2 * 64 * 2  # k + v, 1 layer of 64, fp16
+        assert row["ppl_ratio"]["after_surgery"] > 0 and row["ppl_ratio"]["after_distill"] > 0
+        assert row["steps"] == {"layer": 2, "total": 4} and row["kv_ratio_vs_teacher_fp16"]["student_policy"] > 2
+    assert report["targets"][1]["kv_ratio_vs_teacher_fp16"]["student_fp16"] == 16 / 6  # per head: 2 + 4 of 16
+    events = [json.loads(line)["type"] for line in (out / "2x" / "train.jsonl").read_text().splitlines()]
+    assert events[0] == "meta" and "eval" in events and events[-1] == "done"
+    assert (out / "upcycle.png").read_bytes()[:4] == b"\x89PNG"
+    # an upcycled checkpoint evaluates like any other
+    proc = run_main("--mode", "eval", "--ckpt", out / "2x", "--device", "cpu", "--lengths", "1", "--windows", "1",
+                    "--kv-policy", "fp16", "--passkey-trials", "0", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    # the same command again is refused, nothing overwritten; --resume picks the finished runs up
+    before = (out / "upcycle.json").read_bytes()
+    assert_user_error(run_main(*args), "already holds a run; pass --resume")
+    assert (out / "upcycle.json").read_bytes() == before
+    assert run_main(*args, "--resume").returncode == 0
+
+
+def test_bad_upcycle_requests(tiny_teacher, tmp_path):
+    base = ["--mode", "upcycle", "--device", "cpu", "--out-dir", tmp_path / "x"]
+    assert_user_error(run_main(*base, "--target-kv-ratio", "2"), "needs --teacher")
+    assert_user_error(run_main(*base, "--teacher", tmp_path / "nope", "--target-kv-ratio", "2"), "does not exist")
+    assert_user_error(run_main(*base, "--teacher", tiny_teacher), "needs --target-kv-ratio")
+    assert_user_error(run_main(*base, "--teacher", tiny_teacher, "--target-kv-ratio", "0.5"), "cache more than")
+    assert_user_error(run_main(*base, "--teacher", tiny_teacher, "--target-kv-ratio", "x"), "needs numbers")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run_main(*base, "--teacher", empty, "--target-kv-ratio", "2"), "best.pt")
+    assert not (tmp_path / "x").exists()
