@@ -1,6 +1,6 @@
-"""`python main.py --mode train|sample|export|eval ...`: the parser, generated from production.config.fields, the mode
-checks, and the dispatch to the mode's command. Nothing here imports torch, so `--help` and usage mistakes
-answer at once.
+"""`python main.py --mode train|sample|export|eval|upcycle ...`: the parser, generated from
+production.config.fields, the mode checks, and the dispatch to the mode's command. Nothing here imports torch, so
+`--help` and usage mistakes answer at once.
 
 User mistakes print one `error: ...` line and exit 2 before any file of an earlier run is touched.
 """
@@ -17,8 +17,8 @@ def build_parser() -> Parser:
     p = Parser(
         prog="main.py",
         description="Decoupled Bottleneck Attention: train GPT-style models with four attention variants, "
-        "sample from them with quantized KV caches, evaluate them past their training length, and export them as "
-        "safetensors.",
+        "sample from them with quantized KV caches, evaluate them past their training length, export them as "
+        "safetensors, and upcycle trained standard/GQA models (or Hugging Face Llamas) into DBA.",
     )
     add_arguments(p, group_by_mode=True)
     return p
