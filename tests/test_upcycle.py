@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, assert_user_error, run_main
+from conftest import TINY, assert_user_error, call, run_main
+from production.bench.memory import main as bench_memory
 from production.config.build import resolve_model
 from production.core.errors import UserError
 from production.model.attention import cache_widths
@@ -95,6 +96,12 @@ def test_upcycle_mode_writes_runs_report_and_figure(tiny_teacher, token_file, tm
     proc = run_main("--mode", "eval", "--ckpt", out / "2x", "--device", "cpu", "--lengths", "1", "--windows", "1",
                     "--kv-policy", "fp16", "--passkey-trials", "0", "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    # and its 128k memory record, against the teacher as the trained baseline
+    mem = out / "mem128k.json"
+    args_mem = ["--ckpt", out / "2x", "--baseline-ckpt", tiny_teacher, "--decompose", "--device", "cpu", "--out", mem]
+    proc = call(bench_memory, *args_mem, "--context-len", "4096")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(mem.read_text())["decomposition"]["ratios"]["arch"]["estimate"] == 2.0
     # the same command again is refused, nothing overwritten; --resume picks the finished runs up
     before = (out / "upcycle.json").read_bytes()
     assert_user_error(run_main(*args), "already holds a run; pass --resume")
