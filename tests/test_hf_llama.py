@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import assert_user_error, run_main
 from production.core.errors import UserError
 from production.model.hf import load_hf_llama
 from production.upcycle.surgery import upcycle
@@ -66,3 +67,11 @@ def test_upcycled_llama_at_full_rank_equals_transformers(tmp_path):
     ids = torch.randint(0, 300, (2, 150))
     with torch.no_grad():
         torch.testing.assert_close(student(ids)[0], theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_upcycle_refuses_a_teacher_of_another_vocabulary(tmp_path):
+    tiny_llama(tmp_path / "llama", True, 4)
+    proc = run_main("--mode", "upcycle", "--teacher", tmp_path / "llama", "--target-kv-ratio", "2", "--device", "cpu",
+                    "--out-dir", tmp_path / "out")  # fmt: skip
+    assert_user_error(proc, "vocabulary has 300 tokens but the data is GPT-2 tokens")
+    assert not (tmp_path / "out").exists()
