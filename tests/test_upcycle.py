@@ -12,6 +12,7 @@ from production.config.build import resolve_model
 from production.core.errors import UserError
 from production.model.attention import cache_widths
 from production.model.gpt import GPT
+from production.upcycle.run import parse_targets
 from production.upcycle.surgery import dims_for_ratio, student_config, upcycle
 
 
@@ -76,32 +77,36 @@ def tiny_teacher(tmp_path_factory, token_file):
 def test_upcycle_mode_writes_runs_report_and_figure(tiny_teacher, token_file, tmp_path):
     out = tmp_path / "up"
     args = ["--mode", "upcycle", "--teacher", tiny_teacher, "--data", token_file, "--out-dir", out, "--device", "cpu",
-            "--target-kv-ratio", "2", "--sem-dim", "8", "--geo-dim", "16", "--steps", "4", "--layer-steps", "2",
+            "--sem-dim", "8", "--geo-dim", "16", "--steps", "4", "--layer-steps", "2",
             "--eval-every", "2", "--eval-iters", "1", "--batch-size", "2",
             "--tuner-store", tmp_path / "t.json"]  # fmt: skip
     proc = run_main(*args)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "upcycle.json").read_text())
     assert report["schema"] == "dba.upcycle/1" and report["teacher"]["attn_mode"] == "standard"
-    assert [r["target"] for r in report["targets"]] == ["2x", "sem8_geo16"]
+    assert [r["target"] for r in report["targets"]] == ["sem8_geo16"]
     for row in report["targets"]:
         assert row["kv_bytes_per_token"]["teacher_fp16"] == 2 * 64 * 2  # k + v, 1 layer of 64, fp16
         assert row["ppl_ratio"]["after_surgery"] > 0 and row["ppl_ratio"]["after_distill"] > 0
         assert row["steps"] == {"layer": 2, "total": 4} and row["kv_ratio_vs_teacher_fp16"]["student_policy"] > 2
-    assert report["targets"][1]["kv_ratio_vs_teacher_fp16"]["student_fp16"] == 16 / 6  # per head: 2 + 4 of 16
-    events = [json.loads(line)["type"] for line in (out / "2x" / "train.jsonl").read_text().splitlines()]
+        assert (
+            row["logit_error"]["after_surgery"]["kl"] >= 0 and row["logit_error"]["after_distill"]["max_abs_logit"] > 0
+        )
+    assert report["targets"][0]["kv_ratio_vs_teacher_fp16"]["student_fp16"] == 16 / 6  # per head: 2 + 4 of 16
+    events = [json.loads(line)["type"] for line in (out / "sem8_geo16" / "train.jsonl").read_text().splitlines()]
     assert events[0] == "meta" and "eval" in events and events[-1] == "done"
     assert (out / "upcycle.png").read_bytes()[:4] == b"\x89PNG"
     # an upcycled checkpoint evaluates like any other
-    proc = run_main("--mode", "eval", "--ckpt", out / "2x", "--device", "cpu", "--lengths", "1", "--windows", "1",
+    run = out / "sem8_geo16"
+    proc = run_main("--mode", "eval", "--ckpt", run, "--device", "cpu", "--lengths", "1", "--windows", "1",
                     "--kv-policy", "fp16", "--passkey-trials", "0", "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     # and its 128k memory record, against the teacher as the trained baseline
     mem = out / "mem128k.json"
-    args_mem = ["--ckpt", out / "2x", "--baseline-ckpt", tiny_teacher, "--decompose", "--device", "cpu", "--out", mem]
+    args_mem = ["--ckpt", run, "--baseline-ckpt", tiny_teacher, "--decompose", "--device", "cpu", "--out", mem]
     proc = call(bench_memory, *args_mem, "--context-len", "4096")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(mem.read_text())["decomposition"]["ratios"]["arch"]["estimate"] == 2.0
+    assert json.loads(mem.read_text())["decomposition"]["ratios"]["arch"]["estimate"] == 16 / 6
     # the same command again is refused, nothing overwritten; --resume picks the finished runs up
     before = (out / "upcycle.json").read_bytes()
     assert_user_error(run_main(*args), "already holds a run; pass --resume")
@@ -120,3 +125,11 @@ def test_bad_upcycle_requests(tiny_teacher, tmp_path):
     empty.mkdir()
     assert_user_error(run_main(*base, "--teacher", empty, "--target-kv-ratio", "2"), "best.pt")
     assert not (tmp_path / "x").exists()
+
+
+def test_targets_from_ratios_and_dims():
+    cfg = resolve_model("nano", "paper_baseline", {})  # 4 heads of 64
+    targets = parse_targets(cfg, "2,5.33", 16, 32)
+    assert [(t.label, t.sem, t.geo) for t in targets] == [("2x", 10, 22), ("5.33x", 4, 8), ("sem16_geo32", 4, 8)]
+    with pytest.raises(UserError, match="multiples of it"):
+        parse_targets(cfg, None, 6, 32)

@@ -70,7 +70,7 @@ class Plan:
 
 
 FULL = Plan("small", {"block_size": 1024}, 5, (False, True), (4096, 16384, 65536, 131072), (1, 8), 131072)
-QUICK = Plan("nano", {"block_size": 32, "n_layer": 1, "d_model": 64, "d_ff": 128}, 1, (False,), (40, 100), (1, 2), 4096)
+QUICK = Plan("nano", {"block_size": 32, "n_layer": 1, "d_model": 64, "d_ff": 128}, 1, (False,), (100,), (1, 2), 4096)
 
 
 def sdpa_backends(exp: str, plan: Plan, runtime: RuntimeConfig) -> list[str]:

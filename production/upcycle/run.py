@@ -92,7 +92,16 @@ def parse_targets(cfg, ratios: str | None, sem_dim: int | None, geo_dim: int | N
 
 def heldout_nll(model: GPT, splits: TokenSplits, batches, runtime: RuntimeConfig) -> float:
     """Mean next-token loss (nats) on the fixed validation windows."""
-    return evaluate(model, splits.val, batches, model.cfg.block_size, runtime, 4, DistContext(), split=False)
+    return evaluate(model, splits.val, batches, model.cfg.block_size, runtime, HELDOUT_BATCH, DistContext(), False)
+
+
+@torch.no_grad()
+def logit_error(teacher: GPT, student: GPT, ids: torch.Tensor) -> dict:
+    """How far the student's next-token logits are from the teacher's on `ids`: max |delta logit| and the mean
+    KL(teacher || student) per token, in nats."""
+    t, s = teacher(ids)[0].float(), student(ids)[0].float()
+    kl = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none")
+    return {"max_abs_logit": (t - s).abs().max().item(), "kl": kl.sum(-1).mean().item()}
 
 
 def kv_bytes_per_token(cfg, policy: str) -> float:
@@ -164,7 +173,12 @@ def run_target(setup: Setup, target: Target, val_batches, teacher_nll: float) ->
     calib = calibration_ids(setup.splits, setup.teacher.cfg.block_size).to(setup.runtime.device)
     student, pairs = upcycle(setup.teacher, calib, target.sem, target.geo)
     surgery_nll = heldout_nll(student, setup.splits, val_batches, setup.runtime)
-    print(f"{target.label}: after surgery, held-out ppl ratio {math.exp(surgery_nll - teacher_nll):.3f}")
+    probe = stack_windows(setup.splits.val, val_batches[0], setup.teacher.cfg.block_size)[0].to(setup.runtime.device)
+    surgery_error = logit_error(setup.teacher, student, probe)
+    print(
+        f"{target.label}: after surgery, held-out ppl ratio {math.exp(surgery_nll - teacher_nll):.3f}, "
+        f"max |dlogit| {surgery_error['max_abs_logit']:.3f}, KL {surgery_error['kl']:.4f} nats/token"
+    )
     run = RunDir(setup.out_dir / target.label)
     record = target_record(setup, student, target, pairs)
     summary = distill(setup, student, record, run)
@@ -189,13 +203,17 @@ def run_target(setup: Setup, target: Target, val_batches, teacher_nll: float) ->
                 "after_distill": math.exp(distilled_nll)},
         "ppl_ratio": {"after_surgery": math.exp(surgery_nll - teacher_nll),
                       "after_distill": math.exp(distilled_nll - teacher_nll)},
+        "logit_error": {"after_surgery": surgery_error, "after_distill": logit_error(setup.teacher, best, probe)},
         "steps": {"layer": min(setup.layer_steps, summary["step"]), "total": summary["step"]},
         "wall_s": time.perf_counter() - t0,
     }  # fmt: skip
 
 
+HELDOUT_BATCHES, HELDOUT_BATCH = 10, 8  # 80 fixed validation windows, as the nano preset's evaluations use
+
+
 def upcycle_report(setup: Setup, targets: list[Target]) -> dict:
-    val_batches = fixed_batches(setup.splits.val, setup.teacher.cfg.block_size, 4, setup.train_cfg.eval_iters)
+    val_batches = fixed_batches(setup.splits.val, setup.teacher.cfg.block_size, HELDOUT_BATCH, HELDOUT_BATCHES)
     teacher_nll = heldout_nll(setup.teacher, setup.splits, val_batches, setup.runtime)
     rows = [run_target(setup, target, val_batches, teacher_nll) for target in targets]
     return {
@@ -203,7 +221,7 @@ def upcycle_report(setup: Setup, targets: list[Target]) -> dict:
         "teacher": {**setup.teacher_info, "ppl": math.exp(teacher_nll),
                     "kv_bytes_per_token_fp16": kv_bytes_per_token(setup.teacher.cfg, "fp16")},
         "data": setup.splits.info,
-        "heldout": {"windows": 4 * setup.train_cfg.eval_iters, "block": setup.teacher.cfg.block_size},
+        "heldout": {"windows": HELDOUT_BATCH * HELDOUT_BATCHES, "block": setup.teacher.cfg.block_size},
         "recipe": {**setup.train_cfg.to_dict(), "layer_steps": setup.layer_steps},
         "targets": rows,
     }  # fmt: skip
