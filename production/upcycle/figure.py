@@ -1,5 +1,6 @@
 """upcycle.png: perplexity ratio to the teacher against KV-cache bytes per token, per target, right after
-surgery and after distillation, with the teacher's fp16 cache as the reference point."""
+surgery and after distillation, with the teacher's fp16 cache as the reference point. The tuned cache's point
+carries the fp16 student's ratio: the tuner's guard bounds what its quantization adds (dNLL <= 0.02)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,11 @@ def plot_upcycle(report: dict, path: Path) -> None:
         ax.scatter([b["student_fp16"]], [r["after_distill"]], color=color, marker="o",
                    label=f"{row['target']} (fp16; {k['student_fp16']:.1f}x)")  # fmt: skip
         ax.scatter([b["student_policy"]], [r["after_distill"]], color=color, marker="s",
-                   label=f"{row['target']} + tuned cache ({k['student_policy']:.1f}x)")  # fmt: skip
+                   label=f"{row['target']} + tuned cache ({k['student_policy']:.1f}x; guard-bounded)")  # fmt: skip
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("KV-cache bytes per token (all layers, 128k context)")
     ax.set_ylabel("held-out perplexity / teacher's")
-    ax.set_title("Upcycled to DBA: hollow = after surgery, filled = after distillation")
+    ax.set_title("Upcycled to DBA (hollow: after surgery; filled: distilled)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
