@@ -8,6 +8,7 @@ from conftest import assert_user_error, call
 from production.bench.gpu import main as bench_gpu
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_summary_and_targets(tmp_path):
     out = tmp_path / "gpu"
     proc = call(bench_gpu, "--out", out, "--quick", "--device", "cpu", "--sections", "train,decode,mem128k")
