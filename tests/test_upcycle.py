@@ -74,6 +74,7 @@ def tiny_teacher(tmp_path_factory, token_file):
     return out
 
 
+@pytest.mark.slow
 def test_upcycle_mode_writes_runs_report_and_figure(tiny_teacher, token_file, tmp_path):
     out = tmp_path / "up"
     args = ["--mode", "upcycle", "--teacher", tiny_teacher, "--data", token_file, "--out-dir", out, "--device", "cpu",
