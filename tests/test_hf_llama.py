@@ -9,6 +9,7 @@ import torch
 from conftest import assert_user_error, run_main
 from production.core.errors import UserError
 from production.model.hf import load_hf_llama
+from production.model.rope import RopeScaling
 from production.upcycle.surgery import upcycle
 
 transformers = pytest.importorskip("transformers")
@@ -75,3 +76,11 @@ def test_upcycle_refuses_a_teacher_of_another_vocabulary(tmp_path):
                     "--out-dir", tmp_path / "out")  # fmt: skip
     assert_user_error(proc, "vocabulary has 300 tokens but the data is GPT-2 tokens")
     assert not (tmp_path / "out").exists()
+
+
+def test_rope_extensions_do_not_stack_on_llama3_rescaling(tmp_path):
+    tiny_llama(tmp_path, False, 2, LLAMA3)
+    model = load_hf_llama(tmp_path)
+    with pytest.raises(UserError, match="does not stack"):
+        model.set_rope_scaling(RopeScaling("yarn", 4.0, 64))
+    model.set_rope_scaling(RopeScaling("none", 4.0, 64))  # no stretch: fine

@@ -16,6 +16,7 @@ from torch import nn
 
 from production.cache.kvcache import DEFAULT_CHUNK_TOKENS, KVCache
 from production.cache.policy import KVPolicy
+from production.core.errors import UserError
 from production.model.attention import build_attention, cache_widths
 from production.model.config import ModelConfig
 from production.model.loss import head_cross_entropy
@@ -159,7 +160,10 @@ class GPT(nn.Module):
 
     def set_rope_scaling(self, scaling: RopeScaling | None) -> None:
         """Evaluate past the trained length with a context extension of the RoPE dims (production.model.rope);
-        None restores plain RoPE. Models without RoPE are unaffected."""
+        None restores plain RoPE. Models without RoPE are unaffected; Llama 3's own rescaling takes none on top."""
+        stretched = scaling is not None and scaling.kind != "none" and scaling.factor > 1.0
+        if stretched and self.cfg.rope_llama3 is not None:
+            raise UserError(f"RoPE extension {scaling.kind} does not stack on this model's Llama 3 RoPE rescaling")
         if self.rotary is not None:
             self.rotary = self._rotary(scaling).to(self.wte.weight.device)
 
