@@ -71,6 +71,13 @@ def run_main(*args) -> Result:
     return call(main_py, *args)
 
 
+def train_tiny(out: Path, data: Path, *args) -> Path:
+    """A real training run of the TINY config on `data` into `out` (args: more flags); asserts that it finished."""
+    proc = run_main("--mode", "train", *TINY, "--data", data, "--out-dir", out, *args)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 def run_script(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
     """A real subprocess, for the few end-to-end checks of the scripts as files."""
     command = [sys.executable, str(REPO / script), *map(str, args)]

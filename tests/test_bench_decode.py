@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import TINY, assert_user_error, call, run_main
+from conftest import assert_user_error, call, train_tiny
 from production.bench.compress import main as bench_compress
 from production.bench.decode import main as bench_decode
 from production.bench.decode import split_policies
@@ -45,12 +45,7 @@ def test_bench_decode_rejects_bad_context():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, token_file):
-    out = tmp_path_factory.mktemp("compress") / "run"
-    proc = run_main(
-        "--mode", "train", *TINY, "--data", token_file, "--out-dir", out, "--steps", "2", "--eval-iters", "1"
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return train_tiny(tmp_path_factory.mktemp("compress") / "run", token_file, "--steps", "2", "--eval-iters", "1")
 
 
 def test_bench_compress_reports_bytes_guard_and_speed_per_policy(tiny_ckpt, tmp_path):

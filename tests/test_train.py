@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, assert_user_error, run_main
+from conftest import TINY, assert_user_error, run_main, train_tiny
 
 MODEL_FIELDS = {
     "attn_mode",
@@ -163,12 +163,7 @@ def test_resume_with_another_config_is_refused_and_changes_nothing(tmp_path, tok
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, token_file):
     """A finished one-step run whose files every bad invocation below must leave untouched."""
-    out = tmp_path_factory.mktemp("earlier") / "run"
-    proc = run_main(
-        "--mode", "train", *TINY, "--data", token_file, "--out-dir", out, "--steps", "1", "--eval-iters", "1"
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return train_tiny(tmp_path_factory.mktemp("earlier") / "run", token_file, "--steps", "1", "--eval-iters", "1")
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, assert_user_error, call, run_main
+from conftest import assert_user_error, call, run_main, train_tiny
 from production.bench.memory import main as bench_memory
 from production.config.build import resolve_model
 from production.core.errors import UserError
@@ -66,12 +66,8 @@ def test_bad_requests():
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory, token_file):
     out = tmp_path_factory.mktemp("upcycle") / "teacher"
-    proc = run_main(
-        "--mode", "train", *TINY, "--exp", "paper_baseline", "--data", token_file, "--out-dir", out,
-        "--steps", "3", "--eval-iters", "1", "--tuner-store", out.parent / "t.json",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return train_tiny(out, token_file, "--exp", "paper_baseline", "--steps", "3", "--eval-iters", "1",
+                      "--tuner-store", out.parent / "t.json")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from production.bench.decode import Timing, time_rows
 from production.bench.memory import Setting, mem128k_report
-from production.bench.train import ModeBench
+from production.bench.train import DIM_FIELDS, time_exps
 from production.cache import triton_decode
 from production.cache.policy import PAPER_POLICY, parse_policy
 from production.config.resolve import resolve
@@ -95,28 +95,20 @@ def sdpa_backends(exp: str, plan: Plan, runtime: RuntimeConfig) -> list[str]:
 def train_section(plan: Plan, runtime: RuntimeConfig) -> dict:
     """Per exp and compile mode: training step time, tokens/s, MFU, peak memory; the exps of one compile mode are
     timed round-robin. Adds decoupled/standard step-time ratios."""
-    args = argparse.Namespace(size=plan.size, batch_size=None, **{**dict.fromkeys(DIMS), **plan.dims})
     out: dict = {"backends": {exp: sdpa_backends(exp, plan, runtime) for exp in TRAIN_EXPS}}
     for compiled in plan.compile_modes:
+        dims = {**dict.fromkeys(DIM_FIELDS), **plan.dims}
+        # compiled: the first step compiles, so one more untimed step
+        args = argparse.Namespace(size=plan.size, batch_size=None, warmup=1 + compiled, rounds=2,
+                                  steps=plan.train_steps, **dims)  # fmt: skip
         rt = RuntimeConfig(runtime.device, runtime.dtype, compiled)
-        benches = {exp: ModeBench(exp, args, rt) for exp in TRAIN_EXPS}
-        for bench in benches.values():
-            for i in range(2 if compiled else 1):  # compiled: the first step compiles
-                bench.step(i)
-        for _ in range(2):
-            for bench in benches.values():
-                bench.times += [bench.step(i) for i in range(plan.train_steps)]
-        results = {exp: bench.result() for exp, bench in benches.items()}
+        results = time_exps({exp: exp for exp in TRAIN_EXPS}, args, rt)
         base = results["paper_baseline"]["ms_per_step"]
         for r in results.values():
             r["ratio_to_standard"] = r["ms_per_step"] / base
         out["compiled" if compiled else "eager"] = results
-        del benches
         empty_cache(runtime.device)
     return out
-
-
-DIMS = ("n_layer", "d_model", "n_head", "d_ff", "block_size")
 
 
 def decode_rows(plan: Plan, runtime: RuntimeConfig, context: int) -> list[dict]:

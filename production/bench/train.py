@@ -95,16 +95,21 @@ class ModeBench:
 
 
 def time_modes(modes: list[str], args, runtime) -> dict:
-    """Warm every mode up, then time them round-robin (`--rounds` rounds of `--steps` steps), so drift in the
-    machine's speed lands on every mode alike; each reports its median step."""
-    benches = {m: ModeBench(MODE_EXPS[m], args, runtime) for m in modes}
+    """Each attention mode's paper experiment, timed by time_exps."""
+    return time_exps({m: MODE_EXPS[m] for m in modes}, args, runtime)
+
+
+def time_exps(exps: dict[str, str], args, runtime) -> dict:
+    """label -> experiment: warm every one up (`--warmup` steps), then time them round-robin (`--rounds` rounds of
+    `--steps` steps), so drift in the machine's speed lands on every one alike; each reports its median step."""
+    benches = {label: ModeBench(exp, args, runtime) for label, exp in exps.items()}
     for b in benches.values():
         for i in range(args.warmup):
             b.step(i)
     for _ in range(args.rounds):
         for b in benches.values():
             b.times += [b.step(i) for i in range(args.steps)]
-    return {m: b.result() for m, b in benches.items()}
+    return {label: b.result() for label, b in benches.items()}
 
 
 DIM_FIELDS = ["n_layer", "d_model", "n_head", "d_ff", "block_size"]

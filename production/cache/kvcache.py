@@ -268,19 +268,18 @@ class LayerCache:
         return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
     def append(self, values: dict[str, torch.Tensor]) -> None:
-        """values: stream name -> (B, T, D) for every stream of the layer (rotated here where the policy says)."""
-        if self.step is not None:  # one token, every offset in device counters
-            for name, stream in self.streams.items():
-                R = self.rotations.get(name)
-                x = values[name] if R is None else rotate(values[name], R)
-                stream.append_static(x, self.step.pos, self.step.n_q[name], self.step.flush[name])
-            return
+        """values: stream name -> (B, T, D) for every stream of the layer (rotated here where the policy says).
+        With a static step attached (production.cache.static), one token at the offsets of its device counters."""
         T = next(iter(values.values())).shape[1]
-        if self.length + T > self.max_seq:
+        if self.step is None and self.length + T > self.max_seq:
             raise ValueError(f"KV cache full: {self.length} + {T} tokens > max_seq {self.max_seq}")
         for name, stream in self.streams.items():
             R = self.rotations.get(name)
-            stream.append(values[name] if R is None else rotate(values[name], R))
+            x = values[name] if R is None else rotate(values[name], R)
+            if self.step is None:
+                stream.append(x)
+            else:
+                stream.append_static(x, self.step.pos, self.step.n_q[name], self.step.flush[name])
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for s in self.streams.values() for t in s.tensors()] + list(self.rotations.values())

@@ -258,24 +258,27 @@ def decode_partials(
     block_t = tile_tokens(max(_pad(cache.streams[name].width) for name in [*names, v_name]))
     split = split_tokens or default_split(n, B, device, block_t)
     n_splits = n_splits or -(-n // split)
-    keys = [(name, qs[name]) for name in names]
-    if len(keys) == 1:
-        keys.append(keys[0])  # placeholder arguments, not read
-    args, meta = [], []
-    for name, q in [*keys, (v_name, None)]:
+
+    def stream(name: str, q: torch.Tensor | None) -> tuple[list, list]:
+        """One stream's kernel arguments (runtime, constexpr), its block-diagonal queries after a key stream's."""
         runtime, const = _stream_args(cache.streams[name])
         if step is not None:
             runtime[-1] = step.n_q[name]  # n_q from the counters
-        args += runtime if q is None else [*runtime, _block_diagonal(q, const[1], HP)]
-        meta += const
-    VP = meta[-7]
+        return (runtime if q is None else [*runtime, _block_diagonal(q, const[1], HP)]), const
+
+    k1 = stream(names[0], qs[names[0]])
+    # with one key stream TWO_KEYS is off and the kernel never reads the second stream's slots: they repeat the first's
+    k2 = stream(names[1], qs[names[1]]) if len(names) == 2 else k1
+    v = stream(v_name, None)
+    args, meta = k1[0] + k2[0] + v[0], k1[1] + k2[1] + v[1]
+    VP = v[1][1]
     m = torch.empty(B, n_splits, HP, device=device)
     l = torch.empty_like(m)
     acc = torch.empty(B, n_splits, HP, VP, device=device)
     n_arg = cache.length if step is None else step.n
     precision = "ieee" if device.type == "cpu" else "tf32"
     # 8 warps keep the small presets' tiles in registers; wide streams pipeline less to fit shared memory (sm_90)
-    stages = 2 if max(meta[1], meta[9], VP) <= 256 else 1
+    stages = 2 if max(k1[1][1], k2[1][1], VP) <= 256 else 1
     _decode_splits[(B, n_splits)](
         *args, on_device(NF4_CODEBOOK, device), m, l, acc, n_arg, split,
         *meta, HP, len(names) == 2, block_t, precision, step is not None, num_warps=8, num_stages=stages,

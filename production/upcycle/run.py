@@ -149,14 +149,17 @@ def target_record(setup: Setup, student: GPT, target: Target, pairs: list[list[i
     }  # fmt: skip
 
 
+def check_run_dirs(out_dir: Path, targets: list[Target], resume: bool) -> None:
+    """Nothing is written over an earlier run: a target's non-empty run directory needs --resume and its last.pt."""
+    for target in targets:
+        run = RunDir(out_dir / target.label)
+        if run.path.exists() and any(run.path.iterdir()) and not (resume and run.last.exists()):
+            raise UserError(f"{run.path} already holds a run; pass --resume to continue it, or another --out-dir")
+
+
 def distill(setup: Setup, student: GPT, record: dict, run: RunDir) -> dict:
     """Train the student with the Distiller objective in its own run directory (resumable)."""
-    resume = None
-    if setup.resume and run.last.exists():
-        ckpt = load_checkpoint(run.last)
-        resume = (run.last, ckpt)
-    elif run.path.exists() and any(run.path.iterdir()):
-        raise UserError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out-dir")
+    resume = (run.last, load_checkpoint(run.last)) if setup.resume and run.last.exists() else None
     run.path.mkdir(parents=True, exist_ok=True)
     write_json(run.resolved_config, {**record, "out_dir": str(run.path)})
     job = Job(
@@ -182,10 +185,10 @@ def run_target(setup: Setup, target: Target, val_batches, teacher_nll: float) ->
     run = RunDir(setup.out_dir / target.label)
     record = target_record(setup, student, target, pairs)
     summary = distill(setup, student, record, run)
-    best, _ = load_model(run.best, setup.runtime.device)
+    best, best_ckpt = load_model(run.best, setup.runtime.device)
     distilled_nll = heldout_nll(best, setup.splits, val_batches, setup.runtime)
     request = AutoRequest(GuardLimits(), None, MAX_CANDIDATES, BYTES_CONTEXT, setup.cache_dir)
-    policy, _ = auto_policy(best, run.best, load_checkpoint(run.best), [], request, setup.runtime, setup.store)
+    policy, _ = auto_policy(best, run.best, best_ckpt, [], request, setup.runtime, setup.store)
     teacher_bytes = kv_bytes_per_token(setup.teacher.cfg, "fp16")
     student_fp16, student_policy = kv_bytes_per_token(best.cfg, "fp16"), kv_bytes_per_token(best.cfg, policy)
     return {
